@@ -1,0 +1,1 @@
+"""The lotus-train application: CLI, config, trainer loop, checkpoints, metrics, benchmarks."""

@@ -1,0 +1,421 @@
+"""LotusAdamW: AdamW whose projected groups run Adam in a low-rank, adaptively refreshed basis.
+
+The Lotus step for one projected matrix (``_lowrank_step``) reads top to bottom:
+refresh the basis if a switch was decided last step, project the gradient, let the switch
+policy look at it, run Adam on the low-rank coordinates, project the update back.
+
+Param groups are GaLore-compatible: a group with ``rank`` is projected, with
+``update_proj_gap``, ``scale`` and ``proj_type`` meaning what they mean in GaLore, and
+``projection="svd", switch="fixed"`` reproduces GaLore's AdamW exactly (including its
+update order: Adam step, then decoupled weight decay ``p -= lr * wd * p``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from lotus_dist.projection import (
+    PROJ_TYPES,
+    PROJECTIONS,
+    grassmann_step,
+    project,
+    project_back,
+    projected_dim,
+    projection_side,
+    random_basis,
+    refresh_generator,
+    rsvd_basis,
+    svd_basis,
+)
+from lotus_dist.switching import SWITCH_POLICIES
+
+MOMENTS = ("keep", "reset", "rotate")
+NONFINITE = ("skip", "raise")
+
+#: Defaults of every group key; a group may override any of them.
+DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "eps": 1e-6,  # GaLore's AdamW default (from transformers), not torch's 1e-8
+    "weight_decay": 0.0,
+    "correct_bias": True,
+    # GaLore keys (used by groups with ``rank``)
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "proj_type": "std",
+    # Lotus keys
+    "projection": "rsvd",
+    "switch": "displacement",
+    # None: 0.01 for displacement (paper: 0.005-0.02), 0.5 for path_efficiency
+    "gamma": None,
+    "verify_gap": 50,
+    "min_gap": 0,
+    "power_iters": 1,
+    "oversample": 8,
+    "moments": "keep",
+    "recovery_scaling": False,
+    "recovery_limiter": 1.01,
+    "walk_step": 0.5,
+}
+_GROUP_KEYS = {*DEFAULTS, "params", "param_names", "rank", "initial_lr"}
+_DEFAULT_GAMMA = {"fixed": 0.01, "displacement": 0.01, "path_efficiency": 0.5}
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Raised when ``nonfinite="raise"`` and a gradient holds inf or NaN."""
+
+
+class LotusAdamW(torch.optim.Optimizer):
+    """AdamW with Lotus low-rank projection for groups that carry a ``rank``.
+
+    Args:
+        params: parameters or GaLore-style param groups (see ``lotus_param_groups``).
+        seed: seeds the random test matrices together with (parameter index, refresh
+            count), so every rank and every resumed run draws the same numbers.
+        nonfinite: ``"skip"`` drops a step whose gradients hold inf/NaN (counted in
+            ``skipped_steps``) before anything reaches an SVD; ``"raise"`` stops.
+        per_layer: update each parameter inside backward (``register_per_layer_hooks``)
+            so full gradients never all exist at once.
+        **defaults: overrides of ``DEFAULTS`` for every group.
+    """
+
+    def __init__(self, params: Iterable, *, seed: int = 0, nonfinite: str = "skip",
+                 per_layer: bool = False, **defaults: Any) -> None:
+        unknown = set(defaults) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"LotusAdamW: unknown option(s) {sorted(unknown)}; "
+                             f"known: {sorted(DEFAULTS)}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"LotusAdamW: nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        self.seed = seed
+        self.nonfinite = nonfinite
+        self.per_layer = per_layer
+        self.skipped_steps = 0
+        #: Sums a flat tensor of switch statistics across ranks; identity in one process.
+        self.stats_reduce: Reduce = _identity
+        #: In per-layer mode, False on micro-batches that only accumulate gradients.
+        self.accumulation_boundary = True
+        self._index: dict[torch.Tensor, int] = {}  # global parameter index, seeds the refreshes
+        self._group_of: dict[torch.Tensor, dict] = {}
+        super().__init__(params, {**DEFAULTS, **defaults})
+
+    # ----------------------------------------------------------------- construction
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        unknown = set(param_group) - _GROUP_KEYS
+        if unknown:
+            raise ValueError(f"LotusAdamW param group: unknown key(s) {sorted(unknown)}; "
+                             f"known: {sorted(_GROUP_KEYS - {'initial_lr'})}")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if "rank" in group:
+            _validate_projected_group(group)
+        for p in group["params"]:
+            self._index[p] = len(self._index)
+            self._group_of[p] = group
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    # ----------------------------------------------------------------- stepping
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One optimizer step. In per-layer mode the hooks already did the work."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.per_layer:
+            return loss
+        items = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not items:
+            return loss
+        if not _all_finite([p.grad for _, p in items]):
+            self._on_nonfinite("step")
+            return loss
+        self._update(items)
+        return loss
+
+    def _on_nonfinite(self, where: str) -> None:
+        if self.nonfinite == "raise":
+            raise NonFiniteGradientError(
+                f"non-finite gradient in {where} (inf or NaN); set optim.nonfinite=skip to "
+                "skip such steps, or lower the learning rate")
+        self.skipped_steps += 1
+
+    def _update(self, items: list[tuple[dict, torch.Tensor]]) -> None:
+        """Update parameters; switch statistics of all matrices share one reduce."""
+        lowrank = []
+        for group, p in items:
+            if "rank" in group:
+                lowrank.append((group, p, self._refresh_and_project(group, p)))
+            else:
+                _adamw_update(group, p, self.state[p])
+        if not lowrank:
+            return
+        stats = [SWITCH_POLICIES[g["switch"]].stats(g, self.state[p], r, p.grad)
+                 for g, p, r in lowrank]
+        reduced = self._reduce_stats(stats)
+        for (group, p, r), s in zip(lowrank, reduced):
+            SWITCH_POLICIES[group["switch"]].decide(group, self.state[p], r, p.grad, s)
+            self._lowrank_adam_update(group, p, r)
+
+    def _reduce_stats(self, stats: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        present = [s for s in stats if s is not None]
+        if not present:
+            return stats
+        flat = self.stats_reduce(torch.cat([s.float() for s in present]))
+        parts = iter(flat.split([s.numel() for s in present]))
+        return [None if s is None else next(parts) for s in stats]
+
+    # ----------------------------------------------------------------- the Lotus step
+
+    def _refresh_and_project(self, group: dict, p: torch.Tensor) -> torch.Tensor:
+        """Refresh the basis if due, then return R, the low-rank gradient (fp32)."""
+        state = self.state[p]
+        side = projection_side(p.shape, group["proj_type"])
+        if "basis" not in state or state["refresh_pending"]:
+            self._refresh(group, p, state, side)
+        else:
+            state["steps_since_refresh"] += 1
+        return project(p.grad, state["basis"], side)
+
+    def _refresh(self, group: dict, p: torch.Tensor, state: dict, side: str) -> None:
+        grad, rank = p.grad, group["rank"]
+        count = state.get("refresh_count", 0)
+        gen = refresh_generator(self.seed, self._index[p], count, grad.device)
+        kind = group["projection"]
+        if kind == "svd" or (kind == "grassmann" and count == 0):
+            basis = svd_basis(grad, rank, side)
+        elif kind == "rsvd":
+            basis = rsvd_basis(grad, rank, side, oversample=group["oversample"],
+                               power_iters=group["power_iters"], generator=gen)
+        elif kind == "random":
+            basis = random_basis(projected_dim(p.shape, side), rank, gen, grad.device)
+        else:
+            basis = grassmann_step(state["basis"], group["walk_step"], gen)
+        if "basis" in state:
+            self._carry_moments(group, state, state["basis"], basis, side)
+        state["basis"] = basis
+        state["refresh_count"] = count + 1
+        state["steps_since_refresh"] = 1
+        state["refresh_pending"] = False
+        state.setdefault("energy", math.nan)
+        state.setdefault("switch_metric", math.nan)
+
+    def _carry_moments(self, group: dict, state: dict, old: torch.Tensor, new: torch.Tensor,
+                       side: str) -> None:
+        """Adam moments across a refresh: keep (GaLore), reset, or rotate (GrassWalk AO)."""
+        if "exp_avg" not in state or group["moments"] == "keep":
+            return
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if group["moments"] == "reset":
+            m.zero_()
+            v.zero_()
+            state["step"] = 0  # restart bias correction with the moments
+            return
+        m_new, v_new = rotate_moments(m, v, old, new, side)
+        m.copy_(m_new)
+        v.copy_(v_new)
+
+    def _lowrank_adam_update(self, group: dict, p: torch.Tensor, r: torch.Tensor) -> None:
+        state = self.state[p]
+        side = projection_side(p.shape, group["proj_type"])
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(r)
+            state["exp_avg_sq"] = torch.zeros_like(r)
+        norm_r = _adam_direction(group, state, r)
+        update = project_back(norm_r, state["basis"], side)
+        if group["recovery_scaling"]:
+            update += _recovery_term(group, state, p.grad, r, norm_r, side)
+        _apply_update(group, p, state, update.mul_(group["scale"]))
+
+    # ----------------------------------------------------------------- per-layer mode
+
+    def register_per_layer_hooks(self) -> list:
+        """Update each parameter as soon as its gradient is accumulated (GaLore's
+        layer-wise mode), then free the gradient.
+
+        The update happens only when ``accumulation_boundary`` is True, so under gradient
+        accumulation each parameter steps once per optimizer step, on the summed
+        gradient, with the learning rate the schedule set for that step. Gradient
+        clipping needs all gradients at once and is not available in this mode.
+        A non-finite gradient skips that parameter's update (counted) or raises.
+        """
+        if not self.per_layer:
+            raise RuntimeError("register_per_layer_hooks needs LotusAdamW(per_layer=True)")
+        return [p.register_post_accumulate_grad_hook(self._per_layer_hook)
+                for p in self._all_params() if p.requires_grad]
+
+    @torch.no_grad()
+    def _per_layer_hook(self, p: torch.Tensor) -> None:
+        if not self.accumulation_boundary:
+            return
+        if not _all_finite([p.grad]):
+            self._on_nonfinite(f"parameter #{self._index[p]}")
+        else:
+            self._update([(self._group_of[p], p)])
+        p.grad = None
+
+    # ----------------------------------------------------------------- state and telemetry
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["lotus"] = {"skipped_steps": self.skipped_steps}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("lotus", {})
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter dtype; the low-rank state is fp32
+        # by design, so put the saved tensors back in their own dtype.
+        params = self._all_params()
+        for idx, saved in state_dict["state"].items():
+            p = params[idx]
+            if "basis" in saved:
+                for key, value in saved.items():
+                    if torch.is_tensor(value) and key != "step":
+                        self.state[p][key] = value.detach().to(device=p.device, copy=True)
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
+
+    def telemetry(self) -> dict[str, dict[str, float]]:
+        """Per projected matrix: refresh count, steps since refresh, last switch metric
+        (displacement or rho) and captured energy ||R||/||G||, keyed by parameter name."""
+        out = {}
+        for group in self.param_groups:
+            if "rank" not in group:
+                continue
+            names = group.get("param_names") or [None] * len(group["params"])
+            for name, p in zip(names, group["params"]):
+                state = self.state.get(p, {})
+                if "basis" not in state:
+                    continue
+                out[name or f"param{self._index[p]}"] = {
+                    "refresh_count": state["refresh_count"],
+                    "steps_since_refresh": state["steps_since_refresh"],
+                    "switch_metric": state["switch_metric"],
+                    "energy": state["energy"],
+                }
+        return out
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _validate_projected_group(group: dict) -> None:
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"LotusAdamW projected group: {msg}")
+
+    rank = group["rank"]
+    if not isinstance(rank, int) or rank < 1:
+        raise bad(f"rank must be a positive int, got {rank!r}")
+    for key, allowed in (("proj_type", PROJ_TYPES), ("projection", PROJECTIONS),
+                         ("switch", tuple(SWITCH_POLICIES)), ("moments", MOMENTS)):
+        if group[key] not in allowed:
+            raise bad(f"{key} must be one of {allowed}, got {group[key]!r}")
+    for key, low in (("verify_gap", 1), ("update_proj_gap", 1), ("min_gap", 0),
+                     ("power_iters", 0), ("oversample", 0)):
+        if not isinstance(group[key], int) or group[key] < low:
+            raise bad(f"{key} must be an int >= {low}, got {group[key]!r}")
+    if group["gamma"] is None:
+        group["gamma"] = _DEFAULT_GAMMA[group["switch"]]
+    if not group["gamma"] > 0:
+        raise bad(f"gamma must be > 0, got {group['gamma']!r}")
+    names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
+    for name, p in zip(names, group["params"]):
+        if p.dim() != 2:
+            raise bad(f"parameter {name} has shape {tuple(p.shape)}; only 2-D weights can be "
+                      "projected (put it in a group without 'rank')")
+        side = projection_side(p.shape, group["proj_type"])
+        dim = projected_dim(p.shape, side)
+        if rank > dim:
+            raise bad(f"rank {rank} exceeds the projected dimension {dim} of parameter {name} "
+                      f"with shape {tuple(p.shape)} (rank must be <= min(m, n) for 'std')")
+
+
+def rotate_moments(m: torch.Tensor, v: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
+                   side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Express Adam moments of basis ``old`` in basis ``new`` (GrassWalk's adaptive optimizer).
+
+    Coordinates map by C = B_new^T B_old. The second moment treats coordinates as
+    independent: E[(Cg)_i^2] = sum_j C_ij^2 Var_j + (C E[g])_i^2 with Var = v - m^2, which
+    keeps v >= m^2 >= 0 and reduces to a permutation when the new basis permutes the old.
+    """
+    c = new.T @ old
+    var = (v - m * m).clamp_min(0)
+    if side == "left":  # coordinates index the rows of R (r, n)
+        m_new = c @ m
+        return m_new, (c * c) @ var + m_new * m_new
+    m_new = m @ c.T  # coordinates index the columns of R (m, r)
+    return m_new, var @ (c * c).T + m_new * m_new
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """One host sync for the whole list: the norm of a tensor is finite iff it is."""
+    norms = torch._foreach_norm(tensors)
+    return bool(torch.stack([n.float() for n in norms]).isfinite().all())
+
+
+def _adam_direction(group: dict, state: dict, grad: torch.Tensor) -> torch.Tensor:
+    """Update the moments with ``grad`` and return m / (sqrt(v) + eps) (GaLore's form)."""
+    beta1, beta2 = group["betas"]
+    state["step"] += 1
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    return m / v.sqrt().add_(group["eps"])
+
+
+def _apply_update(group: dict, p: torch.Tensor, state: dict, direction: torch.Tensor) -> None:
+    """p -= step_size * direction, then decoupled weight decay, as GaLore's AdamW."""
+    lr = group["lr"]
+    step_size = lr
+    if group["correct_bias"]:
+        beta1, beta2 = group["betas"]
+        step_size = lr * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+    p.add_(direction.to(p.dtype), alpha=-step_size)
+    if group["weight_decay"] > 0.0:
+        p.add_(p, alpha=-lr * group["weight_decay"])
+
+
+def _adamw_update(group: dict, p: torch.Tensor, state: dict) -> None:
+    if "exp_avg" not in state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p)
+        state["exp_avg_sq"] = torch.zeros_like(p)
+    _apply_update(group, p, state, _adam_direction(group, state, p.grad))
+
+
+def _recovery_term(group: dict, state: dict, grad: torch.Tensor, r: torch.Tensor,
+                   norm_r: torch.Tensor, side: str) -> torch.Tensor:
+    """Residual G - B R scaled per column by the optimizer's gain (GrassWalk / Fira).
+
+    phi_j = ||N_j|| / ||R_j|| over the columns the projection keeps (left: columns of R;
+    right: rows), so the discarded signal moves like Adam moved the kept one. A limiter
+    caps the norm of the term at ``recovery_limiter`` times its last value.
+    """
+    residual = grad.float() - project_back(r, state["basis"], side)
+    dim = 0 if side == "left" else 1
+    phi = norm_r.norm(dim=dim, keepdim=True) / r.norm(dim=dim, keepdim=True).clamp_min(1e-12)
+    term = residual * phi
+    norm = float(term.norm())
+    last = state.get("recovery_norm")
+    limit = group["recovery_limiter"]
+    if last is not None and last > 0 and norm > limit * last:
+        term.mul_(limit * last / norm)
+        norm = limit * last
+    state["recovery_norm"] = norm
+    return term

@@ -131,13 +131,16 @@ class LotusAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One optimizer step. In per-layer mode the hooks already did the work."""
+        """One optimizer step.
+
+        In per-layer mode the hooks already updated every parameter and freed its
+        gradient, so this only updates parameters whose gradient no hook consumed (for
+        example the zero-gradient step that initialises state before a checkpoint load).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.per_layer:
-            return loss
         items = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not items:
             return loss

@@ -1,0 +1,60 @@
+"""Command-line interface: parse arguments and hand over to one module per command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+BENCHMARKS = ("projector", "step", "comm")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lotus-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="pre-train a LLaMA model (one process or under torchrun)")
+    train.add_argument("--config", help="YAML file (configs/*.yaml); defaults if omitted")
+    train.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
+
+    bench = sub.add_parser("bench", help="run a benchmark; prints a table and a JSON line")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="benchmark options (see --help)")
+
+    data = sub.add_parser("data", help="data utilities")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    sample = data_sub.add_parser("sample", help="write the embedded C4-layout sample corpus")
+    sample.add_argument("--out", default="data/sample", help="output folder")
+
+    tok = sub.add_parser("tokenizer", help="tokenizer utilities")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
+    tok_train = tok_sub.add_parser("train", help="train a byte-level BPE tokenizer")
+    tok_train.add_argument("--data", required=True, help="local corpus folder or file")
+    tok_train.add_argument("--out", required=True, help="tokenizer.json to write")
+    tok_train.add_argument("--vocab-size", type=int, default=32000)
+    tok_train.add_argument("--max-docs", type=int, default=None,
+                           help="train on at most this many documents")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "train":
+        from launcher.train import main as train_main
+
+        train_main(args.config, args.overrides)
+    elif args.command == "bench":
+        from launcher.bench import run_benchmark
+
+        run_benchmark(args.name, args.args)
+    elif args.command == "data":
+        from lotus_dist.data import write_sample_corpus
+
+        stats = write_sample_corpus(args.out)
+        print(f"wrote sample corpus to {args.out}: {stats}")
+    elif args.command == "tokenizer":
+        from launcher.tokenizer_cli import train_tokenizer_command
+
+        train_tokenizer_command(args.data, args.out, args.vocab_size, args.max_docs)
+    else:  # argparse's required=True makes this unreachable; keep a clear message anyway
+        sys.exit(f"unknown command {args.command}")

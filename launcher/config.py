@@ -1,0 +1,521 @@
+"""Run configuration: documented dataclasses, filled from defaults < YAML file < ``--set``.
+
+Every field carries a one-line docstring; ``config_help()`` turns those into the help
+text, so the documentation and the CLI cannot drift apart. A YAML file may only name
+known sections and keys, and every value is checked against its field's type, so a
+typo (``optim.rnak``) or a bad value (``training.steps=abc``) fails at start-up with a
+message that names the key and where it came from, not hours later inside the trainer.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import itertools
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ModelSize = Literal["tiny", "20m", "35m", "60m", "130m", "350m", "1b", "3b", "7b"]
+# The keys of lotus_dist.model.MODEL_SIZES, repeated here so that loading a config does
+# not import the model (and torch) just to check a name.
+MODEL_SIZE_NAMES: tuple[str, ...] = typing.get_args(ModelSize)
+
+PROJECTED_OPTIMIZERS = ("galore", "lotus")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key (and the file or flag it came from)."""
+
+
+@dataclass
+class ModelConfig:
+    """model.*: which LLaMA shape to train."""
+
+    size: ModelSize = "tiny"
+    """Model shape: a key of lotus_dist.model.MODEL_SIZES."""
+    vocab_size: int | None = None
+    """Vocabulary size; null takes the tokenizer's."""
+    max_seq_len: int = 1024
+    """Longest sequence the rotary tables cover; at least training.seq_len."""
+
+
+@dataclass
+class DataConfig:
+    """data.*: the corpus and the tokenizer."""
+
+    path: str = "data/sample"
+    """Local C4-layout folder (built on first use if it is data/sample) or a hub name."""
+    tokenizer: str = "data/sample/tokenizer.json"
+    """tokenizer.json path or hub tokenizer name (e.g. t5-base)."""
+    tokenizer_vocab_size: int = 4096
+    """Vocabulary size when building the sample tokenizer."""
+    shuffle: bool = True
+    """Shuffle documents resumably (the order depends on training.seed only)."""
+    shuffle_chunk: int = 1024
+    """Shuffle window, in sequence blocks."""
+    hub_config: str = "en"
+    """Dataset config name when data.path is a hub name."""
+
+
+@dataclass
+class OptimConfig:
+    """optim.*: the optimizer; the projection keys mean what LotusAdamW's group keys mean."""
+
+    name: Literal["adamw", "galore", "lotus"] = "lotus"
+    """Optimizer: adamw (full rank), galore (svd + fixed switch) or lotus."""
+    lr: float = 0.01
+    """Peak learning rate (after warmup)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    beta1: float = 0.9
+    """Adam first-moment decay."""
+    beta2: float = 0.999
+    """Adam second-moment decay."""
+    eps: float = 1e-6
+    """Adam epsilon (GaLore's 1e-6)."""
+    rank: int = 128
+    """Rank r of the gradient projection (galore, lotus)."""
+    update_proj_gap: int = 200
+    """Steps between refreshes for switch=fixed (GaLore's T)."""
+    scale: float = 0.25
+    """Scale alpha applied to the projected-back update."""
+    proj_type: Literal["std", "reverse_std", "left", "right"] = "std"
+    """Which side to project; std projects the smaller dimension."""
+    projection: Literal["svd", "rsvd", "random", "grassmann"] = "rsvd"
+    """How a refresh computes the basis."""
+    switch: Literal["fixed", "displacement", "path_efficiency"] = "displacement"
+    """When to refresh the basis."""
+    gamma: float | None = None
+    """Switch threshold; null takes the optimizer's default for the switch rule."""
+    verify_gap: int = 50
+    """Steps between switch checks (the paper's eta)."""
+    min_gap: int = 0
+    """Fewest steps between refreshes (the paper's T_min); 0 sets no minimum."""
+    power_iters: int = 1
+    """Power iterations of the randomized SVD."""
+    oversample: int = 8
+    """Oversampling columns p of the randomized SVD."""
+    walk_step: float = 0.5
+    """Step size of a projection=grassmann refresh."""
+    moments: Literal["keep", "reset", "rotate"] = "keep"
+    """Adam moments at a refresh: keep (GaLore), reset, or rotate into the new basis."""
+    recovery_scaling: bool = False
+    """Add the scaled residual G - back-projection to the update (Fira / GrassWalk)."""
+    recovery_limiter: float = 1.01
+    """Cap on the growth of the recovery term's norm from one step to the next."""
+    per_layer: bool = False
+    """Step each parameter inside backward, freeing its gradient at once."""
+    nonfinite: Literal["skip", "raise"] = "skip"
+    """On an inf/NaN gradient: skip the step (counted) or stop with an error."""
+    target_modules: list[str] = field(default_factory=lambda: ["self_attn", "mlp"])
+    """Name fragments of the 2-D weights to project; the rest get plain AdamW."""
+
+
+@dataclass
+class TrainingConfig:
+    """training.*: steps, batch sizes, schedule and numerics."""
+
+    steps: int = 200
+    """Optimizer steps to train for."""
+    batch_size: int = 16
+    """Global batch, in sequences per optimizer step (independent of the world size)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on each rank; the rest is gradient accumulation."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    seed: int = 0
+    """Seed of weights, data order and projection randomness."""
+    warmup_steps: int = 20
+    """Linear warmup steps before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to optim.lr * min_lr_ratio at the last step."""
+    grad_clip: float = 0.0
+    """Max global gradient norm; 0 disables clipping."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute dtype: auto is bf16 autocast on CUDA and fp32 on CPU."""
+    log_interval: int = 10
+    """Steps between metric rows and progress lines."""
+    max_skipped_steps: int = 10
+    """Stop after this many steps skipped for non-finite gradients."""
+
+
+@dataclass
+class EvalConfig:
+    """eval.*: validation loss and perplexity."""
+
+    interval: int = 50
+    """Steps between validation runs; 0 evaluates only at the end."""
+    batches: int = 4
+    """Validation batches per evaluation, each of training.batch_size sequences."""
+
+
+@dataclass
+class ParallelConfig:
+    """parallel.*: how the ranks share the work."""
+
+    engine: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    """Data-parallel engine."""
+    lowrank_comm: bool = True
+    """All-reduce projected gradients in low rank (galore, lotus; ignored by adamw)."""
+    check_consistency: bool = False
+    """Check every few steps that all ranks hold the same bases (debugging, costs time)."""
+    mixed_precision: Literal["none", "bf16"] = "none"
+    """FSDP parameter/gradient-reduce dtype (for ddp use training.dtype)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward to save memory."""
+    deepspeed_config: str | None = None
+    """DeepSpeed JSON (configs/deepspeed/*.json); the batch sizes come from training.*."""
+
+
+@dataclass
+class RunConfig:
+    """run.*: where outputs go and who logs."""
+
+    dir: str = "runs/{model.size}-{optim.name}"
+    """Run directory; {section.key} placeholders are filled from the config."""
+    tensorboard: bool = True
+    """Write TensorBoard event files into the run directory."""
+    log_all_ranks: bool = False
+    """Every rank prints and writes its own metrics file, not only rank 0."""
+
+
+@dataclass
+class CheckpointConfig:
+    """checkpoint.*: saving and resuming."""
+
+    interval: int = 100
+    """Steps between checkpoints; 0 disables them."""
+    keep_latest: int = 2
+    """Complete checkpoints to keep; 0 keeps all."""
+    resume: str = "auto"
+    """auto (newest in run.dir/ckpt), never, or a checkpoint directory."""
+
+
+@dataclass
+class Config:
+    """A whole run: one section per concern, addressed as ``section.key``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus and tokenizer."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and its projection settings."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Steps, batch sizes and the learning-rate schedule."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Distribution across ranks."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Outputs and logging."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
+
+    def validate(self) -> None:
+        """Check types and cross-field rules; raise ConfigError listing every problem."""
+        problems = _type_problems(self)
+        if not problems:
+            problems = _rule_problems(self)
+        if problems:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def validate_world_size(cfg: Config, world_size: int) -> int:
+    """Check that the global batch splits evenly over the ranks.
+
+    Returns the gradient-accumulation steps: micro-batches per rank per optimizer step.
+    """
+    t = cfg.training
+    per_step = t.micro_batch_size * world_size
+    if t.batch_size % per_step:
+        raise ConfigError(
+            f"training.batch_size ({t.batch_size}) must be divisible by "
+            f"training.micro_batch_size ({t.micro_batch_size}) x world size ({world_size}) "
+            f"= {per_step}; change either key")
+    return t.batch_size // per_step
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``section.key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        for key, value in _read_yaml(Path(path)).items():
+            _assign(cfg, key, value, source=str(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        raw = raw.strip()
+        _assign(cfg, key.strip(), _parse_override(raw), source="--set", raw=raw)
+    _fill_run_dir(cfg)
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested dict of the config (for config.yaml and summaries); loads back as is."""
+    return dataclasses.asdict(cfg)
+
+
+def config_help() -> str:
+    """One entry per key: name, type, default and the field's docstring."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        section_cls = _hints(Config)[section.name]
+        docs, hints, defaults = _attribute_docs(section_cls), _hints(section_cls), section_cls()
+        for f in dataclasses.fields(section_cls):
+            hint, default = hints[f.name], getattr(defaults, f.name)
+            lines.append(f"{section.name}.{f.name} ({_describe(hint)}, default {default!r})")
+            lines.append(f"    {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ reading YAML
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """Flatten a two-level YAML mapping into {"section.key": value}."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: malformed YAML: {e.problem or e.context}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    flat = {}
+    for section, values in data.items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping of keys")
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def _parse_override(raw: str) -> Any:
+    """YAML gives --set values their types: 3 -> int, true -> bool, [a,b] -> list."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+# ------------------------------------------------------------------ assignment
+
+
+def _assign(cfg: Config, dotted: str, value: Any, source: str, raw: str | None = None) -> None:
+    section_name, _, key = dotted.partition(".")
+    section = getattr(cfg, section_name, None) if section_name in _SECTIONS else None
+    if section is None or key not in _keys(section_name):
+        raise ConfigError(f"{source}: unknown key {dotted}{_suggestion(dotted)}")
+    hint = _hints(type(section))[key]
+    try:
+        value = _coerce(value, hint)
+    except TypeError:
+        # A --set value that YAML typed (run.dir=2024 -> int) is still fine as text.
+        if raw is None or not _accepts_str(hint):
+            raise ConfigError(
+                f"{source}: {dotted} expects {_describe(hint)}, got {value!r}") from None
+        value = _coerce(raw, hint)
+    setattr(section, key, value)
+
+
+def _suggestion(dotted: str) -> str:
+    """' (did you mean optim.lr?)': a key of that name in another section, or a close one."""
+    all_keys = [f"{s}.{k}" for s in _SECTIONS for k in _keys(s)]
+    leaf = dotted.rpartition(".")[2]
+    close = [k for k in all_keys if k.rpartition(".")[2] == leaf][:1]
+    close = close or difflib.get_close_matches(dotted, all_keys, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _fill_run_dir(cfg: Config) -> None:
+    """Fill run.dir placeholders such as {model.size} from the config."""
+    sections = {name: getattr(cfg, name) for name in _SECTIONS}
+    try:
+        cfg.run.dir = cfg.run.dir.format(**sections)
+    except (KeyError, AttributeError, IndexError, ValueError) as e:
+        raise ConfigError(
+            f"run.dir {cfg.run.dir!r}: cannot fill placeholder ({e}); "
+            "use {section.key}, e.g. runs/{model.size}-{optim.name}") from None
+
+
+# ------------------------------------------------------------------ types
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Return ``value`` as type ``hint`` or raise TypeError; no lossy conversions."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if isinstance(value, str) and value in typing.get_args(hint):
+            return value
+    elif origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        for arm in typing.get_args(hint):
+            if arm is not type(None):
+                try:
+                    return _coerce(value, arm)
+                except TypeError:
+                    pass
+    elif origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, list):
+            return [_coerce(v, item) for v in value]
+    elif hint is bool or hint is str:
+        if isinstance(value, hint):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML reads 1e-3 (no dot) as a string; accept it as the number it means.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    raise TypeError(f"{value!r} is not {_describe(hint)}")
+
+
+def _accepts_str(hint: Any) -> bool:
+    if hint is str:
+        return True
+    return typing.get_origin(hint) in (types.UnionType, typing.Union) and str in typing.get_args(
+        hint)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(typing.get_args(hint))
+    if origin in (types.UnionType, typing.Union):
+        arms = [_describe(a) for a in typing.get_args(hint) if a is not type(None)]
+        return " or ".join(arms) + (" or null" if type(None) in typing.get_args(hint) else "")
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    return hint.__name__
+
+
+def _type_problems(cfg: Config) -> list[str]:
+    problems = []
+    for section_name in _SECTIONS:
+        section = getattr(cfg, section_name)
+        for key, hint in _hints(type(section)).items():
+            value = getattr(section, key)
+            try:
+                _coerce(value, hint)
+            except TypeError:
+                problems.append(f"{section_name}.{key} expects {_describe(hint)}, got {value!r}")
+    return problems
+
+
+# ------------------------------------------------------------------ rules
+
+
+def _rule_problems(cfg: Config) -> list[str]:
+    """Value ranges and cross-field rules, each message naming the keys involved."""
+    m, d, o, t, e, p, r, c = (cfg.model, cfg.data, cfg.optim, cfg.training, cfg.eval,
+                              cfg.parallel, cfg.run, cfg.checkpoint)
+    checks = [
+        (m.vocab_size is None or m.vocab_size > 0, "model.vocab_size must be > 0 or null"),
+        (t.seq_len <= m.max_seq_len,
+         f"training.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})"),
+        (bool(d.path), "data.path must not be empty"),
+        (bool(d.tokenizer), "data.tokenizer must not be empty"),
+        (d.tokenizer_vocab_size >= 256, "data.tokenizer_vocab_size must be >= 256 (bytes)"),
+        (d.shuffle_chunk >= 1, "data.shuffle_chunk must be >= 1"),
+        (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
+        (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (0 <= o.beta1 < 1, "optim.beta1 must be in [0, 1)"),
+        (0 <= o.beta2 < 1, "optim.beta2 must be in [0, 1)"),
+        (o.eps > 0, "optim.eps must be > 0"),
+        (t.steps > 0, f"training.steps must be > 0, got {t.steps}"),
+        (t.batch_size > 0, "training.batch_size must be > 0"),
+        (t.micro_batch_size > 0, "training.micro_batch_size must be > 0"),
+        (t.micro_batch_size <= 0 or t.batch_size % t.micro_batch_size == 0,
+         f"training.batch_size ({t.batch_size}) must be a multiple of "
+         f"training.micro_batch_size ({t.micro_batch_size})"),
+        (t.seq_len > 0, "training.seq_len must be > 0"),
+        (t.seed >= 0, "training.seed must be >= 0"),
+        (0 <= t.warmup_steps < t.steps,
+         f"training.warmup_steps ({t.warmup_steps}) must be >= 0 and < training.steps "
+         f"({t.steps})"),
+        (0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio must be in [0, 1]"),
+        (t.grad_clip >= 0, "training.grad_clip must be >= 0 (0 = off)"),
+        (t.log_interval >= 1, "training.log_interval must be >= 1"),
+        (t.max_skipped_steps >= 0, "training.max_skipped_steps must be >= 0"),
+        (e.interval >= 0, "eval.interval must be >= 0 (0 = only at the end)"),
+        (e.batches >= 1, "eval.batches must be >= 1"),
+        (p.engine != "ddp" or p.mixed_precision == "none",
+         "parallel.mixed_precision applies to parallel.engine=fsdp; with ddp use "
+         "training.dtype"),
+        (p.deepspeed_config is None or p.engine == "deepspeed",
+         "parallel.deepspeed_config is set but parallel.engine is not deepspeed"),
+        (bool(r.dir), "run.dir must not be empty"),
+        (c.interval >= 0, "checkpoint.interval must be >= 0 (0 = off)"),
+        (c.keep_latest >= 0, "checkpoint.keep_latest must be >= 0 (0 = keep all)"),
+        (bool(c.resume), "checkpoint.resume must be auto, never or a path"),
+    ]
+    if o.name in PROJECTED_OPTIMIZERS:
+        checks += [
+            (o.rank > 0, f"optim.rank must be > 0 for optim.name={o.name}, got {o.rank}"),
+            (o.update_proj_gap >= 1, "optim.update_proj_gap must be >= 1"),
+            (o.scale > 0, "optim.scale must be > 0"),
+            (o.gamma is None or o.gamma > 0, f"optim.gamma must be > 0, got {o.gamma}"),
+            (o.verify_gap >= 1, "optim.verify_gap must be >= 1"),
+            (o.min_gap >= 0, "optim.min_gap must be >= 0"),
+            (o.power_iters >= 0, "optim.power_iters must be >= 0"),
+            (o.oversample >= 0, "optim.oversample must be >= 0"),
+            (o.walk_step > 0, "optim.walk_step must be > 0"),
+            (o.recovery_limiter >= 1, "optim.recovery_limiter must be >= 1"),
+            (bool(o.target_modules), "optim.target_modules must name at least one module"),
+        ]
+    return [message for ok, message in checks if not ok]
+
+
+# ------------------------------------------------------------------ introspection
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _keys(section_name: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(_hints(Config)[section_name])]
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written under it in the class body."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for stmt, following in itertools.pairwise(body):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)):
+            docs[stmt.target.id] = str(following.value.value)
+    return docs
+
+
+_SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))

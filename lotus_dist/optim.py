@@ -284,14 +284,16 @@ class LotusAdamW(torch.optim.Optimizer):
         extra = state_dict.pop("lotus", {})
         super().load_state_dict(state_dict)
         # torch casts floating state to the parameter dtype; the low-rank state is fp32
-        # by design, so put the saved tensors back in their own dtype.
-        params = self._all_params()
-        for idx, saved in state_dict["state"].items():
-            p = params[idx]
+        # by design, so put the saved tensors back in their own dtype. Saved keys map to
+        # parameters through the groups' "params" lists, as in torch (indices or names).
+        saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
+        params = dict(zip(saved_keys, self._all_params(), strict=True))
+        for key, saved in state_dict["state"].items():
+            p = params[key]
             if "basis" in saved:
-                for key, value in saved.items():
-                    if torch.is_tensor(value) and key != "step":
-                        self.state[p][key] = value.detach().to(device=p.device, copy=True)
+                for name, value in saved.items():
+                    if torch.is_tensor(value) and name != "step":
+                        self.state[p][name] = value.detach().to(device=p.device, copy=True)
         self.skipped_steps = int(extra.get("skipped_steps", 0))
 
     def telemetry(self) -> dict[str, dict[str, float]]:

@@ -1,0 +1,219 @@
+"""Packed, shuffled, rank-sharded training batches that resume exactly, on any world size.
+
+The token stream is cut into blocks of seq_len + 1 tokens. Blocks are read in chunks of
+`shuffle_chunk` blocks and each chunk is permuted by a generator seeded from
+(seed, chunk index), so the order of blocks is a pure function of the data and the seed.
+Global batch i is blocks [i*B, (i+1)*B) of that order, and rank r of W takes rows
+[r*B/W, (r+1)*B/W) of it: every rank tokenizes the whole stream but keeps only its rows,
+which is what makes the batches independent of the world size.
+"""
+
+import hashlib
+import os
+from itertools import islice
+from typing import Any
+
+import torch
+
+from lotus_dist.data.sources import DocumentSource, open_documents
+from lotus_dist.data.token_stream import TokenStream
+from lotus_dist.data.tokenizer import TextTokenizer, load_tokenizer
+
+DEFAULT_SHUFFLE_CHUNK = 1024
+
+
+def _chunk_generator(seed: int, chunk: int) -> torch.Generator:
+    """A generator for one chunk's permutation, independent of every other chunk's."""
+    digest = hashlib.blake2b(f"{seed}/{chunk}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
+
+class PackedBatches:
+    """This rank's rows of each global batch, as LongTensor[global_batch / world_size, seq_len + 1].
+
+    Inputs are `x[:, :-1]` and targets `x[:, 1:]`. When the source runs out a new epoch
+    starts (the token stream runs on across the boundary); with `repeat=False` the
+    iterator stops instead, dropping the last partial batch.
+    """
+
+    def __init__(
+        self,
+        source: DocumentSource,
+        tokenizer: TextTokenizer,
+        seq_len: int,
+        global_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_chunk: int = DEFAULT_SHUFFLE_CHUNK,
+        shuffle: bool = True,
+        repeat: bool = True,
+    ) -> None:
+        if seq_len < 1:
+            raise ValueError(f"training.seq_len={seq_len} must be positive")
+        if global_batch < 1 or global_batch % world_size:
+            raise ValueError(
+                f"training.batch_size={global_batch} must be a positive multiple of the "
+                f"world size {world_size}: each rank takes an equal slice of every global batch"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside the world size {world_size}")
+        if shuffle_chunk < 1:
+            raise ValueError(f"shuffle_chunk={shuffle_chunk} must be positive")
+        self.source = source
+        self.seq_len = seq_len
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.rank = rank
+        self.seed = seed
+        self.shuffle_chunk = shuffle_chunk
+        self.shuffle = shuffle
+        self._stream = TokenStream(source, tokenizer, repeat)
+        self._start_at_chunk(0)
+
+    def __iter__(self) -> "PackedBatches":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        parts = []
+        needed = self.global_batch
+        while needed:
+            if self._offset == len(self._chunk):
+                self._load_next_chunk()
+                if len(self._chunk) == 0:  # only a non-repeating stream runs dry
+                    raise StopIteration
+            rows = self._chunk[self._offset : self._offset + needed]
+            parts.append(rows)
+            self._offset += len(rows)
+            needed -= len(rows)
+        first = self.rank * self.local_batch
+        # clone: do not keep the other ranks' rows alive through a view
+        return torch.cat(parts)[first : first + self.local_batch].clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global position (the same on every rank), as plain Python data.
+
+        `chunk`: index of the chunk the next batch starts in; `offset`: blocks of it
+        already used; `epoch`, `source`, `carry`: the token stream at that chunk's start
+        (source position, and tokens of a partly used document). `seq_len`,
+        `shuffle_chunk`, `seed`, `shuffle` are checked on load.
+        """
+        if self._offset < len(self._chunk):
+            chunk, offset, start = self._chunk_index, self._offset, self._chunk_start
+        else:  # the next batch opens a new chunk where the stream stands now
+            chunk, offset, start = self._chunk_index + 1, 0, self._stream.state()
+        return {"chunk": chunk, "offset": offset, **start, **self._layout()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly after `state`, re-tokenizing at most the chunk it points into."""
+        changed = [
+            f"{key}={state[key]} (now {value})"
+            for key, value in self._layout().items()
+            if state[key] != value
+        ]
+        if changed:
+            raise ValueError(
+                f"the data-loader state was saved with {', '.join(changed)}; resuming would "
+                "not replay the same batches"
+            )
+        self._stream.restore({key: state[key] for key in ("epoch", "source", "carry")})
+        self._start_at_chunk(state["chunk"])
+        if state["offset"]:
+            self._load_next_chunk()
+            self._offset = state["offset"]
+
+    def _layout(self) -> dict[str, Any]:
+        """The settings that decide which blocks form which batch."""
+        return {
+            "seq_len": self.seq_len,
+            "shuffle_chunk": self.shuffle_chunk,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+        }
+
+    def _start_at_chunk(self, chunk: int) -> None:
+        """Empty the current chunk, so that the next batch loads chunk `chunk`."""
+        self._chunk_index = chunk - 1
+        self._chunk = torch.empty(0, self.seq_len + 1, dtype=torch.long)
+        self._chunk_start = self._stream.state()
+        self._offset = 0
+
+    def _load_next_chunk(self) -> None:
+        block = self.seq_len + 1
+        self._chunk_index += 1
+        self._chunk_start = self._stream.state()
+        tokens = self._stream.take(self.shuffle_chunk * block)
+        n_blocks = len(tokens) // block  # short only at the end of a non-repeating stream
+        chunk = torch.tensor(tokens[: n_blocks * block], dtype=torch.long).view(n_blocks, block)
+        if self.shuffle:
+            generator = _chunk_generator(self.seed, self._chunk_index)
+            chunk = chunk[torch.randperm(n_blocks, generator=generator)]
+        self._chunk = chunk
+        self._offset = 0
+
+
+def _as_tokenizer(tokenizer: TextTokenizer | str | os.PathLike) -> TextTokenizer:
+    return tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
+
+
+def build_train_batches(
+    path: str | os.PathLike,
+    tokenizer: TextTokenizer | str | os.PathLike,
+    seq_len: int,
+    global_batch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    shuffle_chunk: int = DEFAULT_SHUFFLE_CHUNK,
+) -> PackedBatches:
+    """Training batches from config values: `data.path`, `data.tokenizer`,
+    `training.seq_len`, `training.batch_size` (global) and `training.seed`.
+
+    Each item is this rank's share of one optimizer step; split it into micro-batches
+    for gradient accumulation.
+    """
+    return PackedBatches(
+        open_documents(path, "train"),
+        _as_tokenizer(tokenizer),
+        seq_len,
+        global_batch,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        shuffle_chunk=shuffle_chunk,
+    )
+
+
+def eval_batches(
+    path: str | os.PathLike,
+    tokenizer: TextTokenizer | str | os.PathLike,
+    seq_len: int,
+    global_batch: int,
+    num_batches: int,
+    rank: int = 0,
+    world_size: int = 1,
+    split: str = "validation",
+) -> list[torch.Tensor]:
+    """This rank's rows of the first `num_batches` unshuffled global batches of `split`.
+
+    Always the same batches, so evaluations are comparable across steps and runs;
+    fewer than `num_batches` when the split is short (data is never repeated).
+    """
+    batches = PackedBatches(
+        open_documents(path, split),
+        _as_tokenizer(tokenizer),
+        seq_len,
+        global_batch,
+        rank=rank,
+        world_size=world_size,
+        shuffle_chunk=global_batch,
+        shuffle=False,
+        repeat=False,
+    )
+    result = list(islice(batches, num_batches))
+    if not result:
+        raise ValueError(
+            f"data.path={str(path)!r}: the {split!r} split has fewer than "
+            f"{global_batch * (seq_len + 1)} tokens, not enough for one evaluation batch"
+        )
+    return result

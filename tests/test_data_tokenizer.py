@@ -1,0 +1,81 @@
+"""Tokenizers: the trained byte-level BPE, loading, and errors that name the config key."""
+
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, models, processors
+
+from lotus_dist.data import TextTokenizer, load_tokenizer, train_tokenizer
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Return the Python representation of the document.",
+    "Gradients are projected onto a low-rank subspace.",
+    "Ünïcödé and emoji 🦊 still encode: byte-level BPE has no unknown token.",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    train_tokenizer(TEXTS, vocab_size=512, out_path=path)
+    return path
+
+
+def test_trained_tokenizer_round_trips_text_and_has_t5_special_ids(tokenizer_file: Path) -> None:
+    tokenizer = load_tokenizer(tokenizer_file)
+    assert [tokenizer.tokenizer.token_to_id(t) for t in ("<pad>", "</s>", "<unk>")] == [0, 1, 2]
+    assert tokenizer.eos_id == 1
+    assert 256 < tokenizer.vocab_size <= 512
+    ids = tokenizer.encode_batch(TEXTS[:4])
+    assert [tokenizer.decode(row) for row in ids] == TEXTS[:4]
+    assert all(0 <= i < tokenizer.vocab_size for row in ids for i in row)
+
+
+def test_loading_a_file_or_its_folder_gives_the_same_tokenizer(tokenizer_file: Path) -> None:
+    from_file = load_tokenizer(str(tokenizer_file)).encode_batch(TEXTS[:2])
+    assert load_tokenizer(tokenizer_file.parent).encode_batch(TEXTS[:2]) == from_file
+
+
+def test_encode_batch_adds_no_special_tokens(tokenizer_file: Path, tmp_path: Path) -> None:
+    # t5-base's post-processor appends </s>; the packer appends EOS itself.
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )
+    assert tokenizer.encode(TEXTS[0]).ids[-1] == 1
+    wrapped = TextTokenizer(tokenizer)
+    assert wrapped.encode_batch([TEXTS[0]])[0] == tokenizer.encode(TEXTS[0]).ids[:-1]
+
+
+def test_special_tokens_written_in_a_document_are_plain_text(tokenizer_file: Path) -> None:
+    tokenizer = load_tokenizer(tokenizer_file)
+    text = "HTML strikethrough ends with </s>, padding is <pad>."
+    ids = tokenizer.encode_batch([text])[0]
+    assert not {0, 1, 2} & set(ids)
+    assert tokenizer.decode(ids) == text
+
+
+def test_missing_local_tokenizer_is_an_error_naming_the_key(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"data\.tokenizer="):
+        load_tokenizer(tmp_path / "missing" / "tokenizer.json")
+
+
+def test_unreachable_hub_tokenizer_is_an_error_naming_the_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # fail now, not after retries
+    with pytest.raises(OSError, match=r"data\.tokenizer='lotus-dist/no-such-tokenizer'"):
+        load_tokenizer("lotus-dist/no-such-tokenizer")
+
+
+def test_tokenizer_without_eos_is_refused() -> None:
+    tokenizer = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    with pytest.raises(ValueError, match=r"data\.tokenizer.*'</s>'"):
+        TextTokenizer(tokenizer)
+
+
+def test_vocab_smaller_than_the_byte_alphabet_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="vocab_size=100"):
+        train_tokenizer(TEXTS, vocab_size=100, out_path=tmp_path / "tokenizer.json")

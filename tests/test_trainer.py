@@ -1,0 +1,125 @@
+"""The training loop end to end on the CPU: learning, exact resume, N ranks = 1 rank, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launcher.config import load_config
+from launcher.train import main, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def overrides(corpus, tokenizer, run_dir, *extra: str) -> list[str]:
+    """A tiny model on the small corpus: 24 steps of 8 x 32 tokens, 2 micro-batches."""
+    return [f"data.path={corpus}", f"data.tokenizer={tokenizer}", f"run.dir={run_dir}",
+            "model.max_seq_len=32", "training.seq_len=32", "training.batch_size=8",
+            "training.micro_batch_size=4", "training.steps=24", "training.warmup_steps=4",
+            "training.log_interval=2", "eval.interval=8", "eval.batches=2",
+            "checkpoint.interval=8", "checkpoint.keep_latest=0", "optim.rank=8",
+            "optim.verify_gap=3", "optim.gamma=0.2", "optim.lr=0.01", "run.tensorboard=false",
+            *extra]
+
+
+def rows(run_dir: Path) -> list[dict]:
+    drop = {"time", "tokens_per_s", "peak_memory_gb"}
+    return [{k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in rows(run_dir) if "loss" in r]
+
+
+def test_loss_falls_and_outputs_are_written(small_corpus, tmp_path):
+    summary = run(load_config("configs/tiny.yaml", overrides(*small_corpus, tmp_path)))
+    losses = [loss for _, loss in train_rows(tmp_path)]
+    assert losses[-1] < losses[0] - 0.5  # ln(512) = 6.24 at the start
+    assert summary["final_eval_ppl"] < summary["initial_eval_ppl"] / 2
+    assert (tmp_path / "summary.json").is_file() and (tmp_path / "config.yaml").is_file()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-16", "step-24",
+                                                                      "step-8"]
+    assert min(summary["refreshes_per_matrix"].values()) >= 2  # verify_gap=3 over 24 steps
+
+
+@pytest.mark.parametrize("optim", ["adamw", "lotus", "galore"])
+def test_resume_after_losing_the_newest_checkpoint_reproduces_the_losses(small_corpus, tmp_path,
+                                                                          optim):
+    base = overrides(*small_corpus, tmp_path, f"optim.name={optim}",
+                     "optim.update_proj_gap=5")
+    run(load_config("configs/tiny.yaml", base))
+    uninterrupted = rows(tmp_path)
+    shutil.rmtree(tmp_path / "ckpt" / "step-24")
+    shutil.rmtree(tmp_path / "ckpt" / "step-16")  # resume from step 8: crosses refreshes
+    run(load_config("configs/tiny.yaml", base))
+    assert rows(tmp_path) == uninterrupted
+
+
+def test_two_rank_ddp_equals_one_rank(small_corpus, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(load_config("configs/tiny.yaml", overrides(*small_corpus, one)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2", "-m", "launcher", "train", "--config",
+                    "configs/tiny.yaml", *(f"--set={o}" for o in overrides(*small_corpus, two))],
+                   cwd=REPO, env=env, check=True, capture_output=True)
+    for (s1, l1), (s2, l2) in zip(train_rows(one), train_rows(two), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=2e-4)
+    s1 = json.loads((one / "summary.json").read_text())
+    s2 = json.loads((two / "summary.json").read_text())
+    assert s1["refreshes_per_matrix"] == s2["refreshes_per_matrix"]
+    assert s2["final_eval_loss"] == pytest.approx(s1["final_eval_loss"], rel=2e-4)
+
+
+def test_per_layer_mode_trains_like_the_normal_step(small_corpus, tmp_path):
+    normal = overrides(*small_corpus, tmp_path / "a", "training.grad_clip=0")
+    layer = overrides(*small_corpus, tmp_path / "b", "training.grad_clip=0",
+                      "optim.per_layer=true")
+    run(load_config("configs/tiny.yaml", normal))
+    run(load_config("configs/tiny.yaml", layer))
+    for (_, a), (_, b) in zip(train_rows(tmp_path / "a"), train_rows(tmp_path / "b"),
+                              strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def fails_with(args: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main("configs/tiny.yaml", args)
+    assert message in str(exc.value), str(exc.value)
+
+
+def test_missing_data_is_a_clear_error(small_corpus, tmp_path):
+    _, tok = small_corpus
+    fails_with(overrides(tmp_path / "nowhere", tok, tmp_path), "data.path=")
+
+
+def test_vocab_smaller_than_the_tokenizer_is_a_clear_error(small_corpus, tmp_path):
+    fails_with(overrides(*small_corpus, tmp_path, "model.vocab_size=100"),
+               "model.vocab_size=100 is smaller than the tokenizer")
+
+
+def test_corrupt_checkpoint_is_a_clear_error(small_corpus, tmp_path):
+    run(load_config("configs/tiny.yaml", overrides(*small_corpus, tmp_path,
+                                                   "training.steps=8")))
+    shard = next((tmp_path / "ckpt" / "step-8").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    fails_with(overrides(*small_corpus, tmp_path, "training.steps=16"),
+               "step-8 is unusable")
+
+
+def test_per_layer_with_clipping_is_refused(small_corpus, tmp_path):
+    fails_with(overrides(*small_corpus, tmp_path, "optim.per_layer=true",
+                                 "training.grad_clip=1.0"), "optim.per_layer=true")
+
+
+def test_unavailable_engine_is_refused_before_training(small_corpus, tmp_path):
+    fails_with(overrides(*small_corpus, tmp_path, "parallel.engine=fsdp"),
+               "parallel.engine='fsdp'")
+    assert not (tmp_path / "ckpt").exists()

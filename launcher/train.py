@@ -13,11 +13,10 @@ from launcher.checkpoint import CheckpointError
 from launcher.config import Config, ConfigError, config_to_dict, load_config, validate_world_size
 from launcher.data import build_data
 from launcher.distributed import init_distributed, teardown
-from launcher.optimizer import build_optimizer
-from launcher.parallelize import parallelize
+from launcher.engines import build_engine
 from launcher.schedule import build_lr_scheduler
 from launcher.trainer import Trainer, TrainingError
-from lotus_dist.model import MODEL_SIZES, build_model
+from lotus_dist.model import MODEL_SIZES
 
 
 def run(cfg: Config) -> dict:
@@ -25,27 +24,20 @@ def run(cfg: Config) -> dict:
     dist_info = init_distributed()
     try:
         accum_steps = validate_world_size(cfg, dist_info.world_size)
-        if cfg.optim.per_layer and (cfg.training.grad_clip > 0 or dist_info.world_size > 1):
-            raise ConfigError("optim.per_layer=true steps each weight inside backward: it needs "
-                              "training.grad_clip=0 and a single process")
         torch.manual_seed(cfg.training.seed)
         train_data, eval_data, vocab_size = build_data(cfg, dist_info)
         model_cfg = dataclasses.replace(MODEL_SIZES[cfg.model.size], vocab_size=vocab_size,
                                         max_seq_len=cfg.model.max_seq_len)
-        raw_model = build_model(model_cfg, device=dist_info.device, seed=cfg.training.seed)
-        model = parallelize(raw_model, cfg, dist_info)
-        optimizer = build_optimizer(cfg.optim, raw_model, seed=cfg.training.seed)
-        if cfg.optim.per_layer:
-            optimizer.register_per_layer_hooks()
-        scheduler = build_lr_scheduler(optimizer, cfg.training.warmup_steps, cfg.training.steps,
-                                       cfg.training.min_lr_ratio)
-        trainer = Trainer(cfg, dist_info, model, raw_model, optimizer, scheduler, train_data,
-                          eval_data, accum_steps)
+        engine = build_engine(cfg, model_cfg, dist_info)
+        scheduler = build_lr_scheduler(engine.optimizer, cfg.training.warmup_steps,
+                                       cfg.training.steps, cfg.training.min_lr_ratio)
+        trainer = Trainer(cfg, dist_info, engine, scheduler, train_data, eval_data, accum_steps)
         if dist_info.is_main:
             Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.run.dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
             trainer.log(f"{cfg.model.size} ({model_cfg.num_params / 1e6:.1f}M params) with "
-                        f"{cfg.optim.name} on {dist_info.world_size} rank(s), "
+                        f"{cfg.optim.name} on {dist_info.world_size} rank(s) "
+                        f"({engine.name}), "
                         f"{cfg.training.steps} steps -> {cfg.run.dir}")
         summary = trainer.train()
         if dist_info.is_main:

@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from launcher import checkpoint
 from launcher.config import Config
 from launcher.distributed import DistInfo, all_reduce_mean, all_reduce_sum
+from launcher.engines.base import Engine
 from launcher.metrics import MetricsLogger, write_summary
-from launcher.train_state import JsonState, ModelState, OptimizerState, TrainState
+from launcher.train_state import JsonState, TrainState
 from lotus_dist import LotusAdamW
 
 # Dense bf16 peak of the GPUs we expect, for MFU; unknown devices report no MFU.
@@ -33,24 +33,21 @@ class Trainer:
     """Owns the built pieces and runs ``cfg.training.steps`` optimizer steps.
 
     Args:
-        model: the parallelised model (DDP-wrapped or FSDP-sharded, or bare).
-        raw_model: the underlying ``Llama`` (for FLOPs and telemetry names).
+        engine: carries out backward, gradient sync, clipping and the update.
         train_data / eval_data: iterators of this rank's slice of each global batch.
     """
 
-    def __init__(self, cfg: Config, dist_info: DistInfo, model: nn.Module, raw_model: nn.Module,
-                 optimizer: torch.optim.Optimizer, scheduler: Any, train_data: Any,
-                 eval_data: Any, accum_steps: int) -> None:
-        self.cfg, self.dist = cfg, dist_info
-        self.model, self.raw_model = model, raw_model
-        self.optimizer, self.scheduler = optimizer, scheduler
+    def __init__(self, cfg: Config, dist_info: DistInfo, engine: Engine, scheduler: Any,
+                 train_data: Any, eval_data: Any, accum_steps: int) -> None:
+        self.cfg, self.dist, self.engine = cfg, dist_info, engine
+        self.model, self.raw_model = engine.model, engine.raw_model
+        self.optimizer, self.scheduler = engine.optimizer, scheduler
         self.train_data, self.eval_data = train_data, eval_data
         self.accum_steps = accum_steps
         self.state = TrainState()
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "ckpt"
         self.device = dist_info.device
-        self.per_layer = isinstance(optimizer, LotusAdamW) and optimizer.per_layer
         self._stop_signal: int | None = None
         self.tokens_per_step = cfg.training.batch_size * cfg.training.seq_len
         use_bf16 = cfg.training.dtype == "bf16" or (
@@ -61,8 +58,7 @@ class Trainer:
     # ----------------------------------------------------------------- checkpoint state
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"model": ModelState(self.model), "optimizer": OptimizerState(self.model,
-                                                                             self.optimizer),
+        return {**self.engine.checkpoint_items(),
                 "lr_scheduler": self.scheduler, "dataloader": JsonState(self.train_data),
                 "train_state": self.state, "rng": checkpoint.RNGState()}
 
@@ -147,32 +143,22 @@ class Trainer:
         micro_batches = batch.split(self.cfg.training.micro_batch_size)
         loss_sum = torch.zeros((), device=self.device)
         for i, micro in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            if self.per_layer:
-                self.optimizer.accumulation_boundary = last
-            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") \
-                else self.model.no_sync()
-            with sync:
+            with self.engine.micro_batch(last=i == len(micro_batches) - 1):
                 with self.autocast:
                     logits = self.model(micro[:, :-1])
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), micro[:, 1:].flatten())
-                (loss / self.accum_steps).backward()
+                self.engine.backward(loss / self.accum_steps)
             loss_sum += loss.detach()
         loss = float(all_reduce_mean(loss_sum / self.accum_steps))
-        grad_norm = math.nan
-        if not self.per_layer:
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            clip = self.cfg.training.grad_clip
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0
-                              else torch.nn.utils.get_total_norm([p.grad for p in params]))
+        grad_norm = self.engine.clip_grad_norm(self.cfg.training.grad_clip)
         skipped_before = getattr(self.optimizer, "skipped_steps", 0)
-        if math.isfinite(loss) and (self.per_layer or math.isfinite(grad_norm)):
-            self.optimizer.step()
+        if math.isfinite(loss) and (self.engine.per_layer or math.isfinite(grad_norm)):
+            self.engine.optimizer_step()
         else:
             self.state.skipped_steps += 1
         self.state.skipped_steps += getattr(self.optimizer, "skipped_steps", 0) - skipped_before
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad()
         if self.state.skipped_steps > self.cfg.training.max_skipped_steps:
             raise TrainingError(
                 f"{self.state.skipped_steps} steps skipped for non-finite loss or gradients "
@@ -245,16 +231,9 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps,
             "world_size": self.dist.world_size,
             "refreshes_per_matrix": {k: v["refresh_count"] for k, v in telemetry.items()},
-            "bytes_per_step": self.comm_bytes_per_step(),
+            "engine": self.engine.name,
+            "bytes_per_step": self.engine.comm_bytes_per_step(),
         }
-
-    def comm_bytes_per_step(self) -> dict[str, int]:
-        """Bytes each rank sends into all-reduces per optimizer step, by kind (plain DDP:
-        every gradient in full, once per step thanks to no_sync during accumulation)."""
-        if self.dist.world_size == 1:
-            return {"full_gradients": 0}
-        return {"full_gradients": sum(p.numel() * p.element_size()
-                                      for p in self.raw_model.parameters())}
 
     def log(self, message: str) -> None:
         if self.dist.is_main or self.cfg.run.log_all_ranks:

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
+from lotus_dist.comm import LocalComm
 from lotus_dist.projection import (
     PROJ_TYPES,
     PROJECTIONS,
     grassmann_step,
-    project,
     project_back,
     projected_dim,
     projection_side,
@@ -64,13 +64,6 @@ DEFAULTS: dict[str, Any] = {
 _GROUP_KEYS = {*DEFAULTS, "params", "param_names", "rank", "initial_lr"}
 _DEFAULT_GAMMA = {"fixed": 0.01, "displacement": 0.01, "path_efficiency": 0.5}
 
-Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
 class NonFiniteGradientError(RuntimeError):
     """Raised when ``nonfinite="raise"`` and a gradient holds inf or NaN."""
 
@@ -101,8 +94,8 @@ class LotusAdamW(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.per_layer = per_layer
         self.skipped_steps = 0
-        #: Sums a flat tensor of switch statistics across ranks; identity in one process.
-        self.stats_reduce: Reduce = _identity
+        #: The parallelism's collectives; a distributed engine installs its own.
+        self.comm = LocalComm()
         #: In per-layer mode, False on micro-batches that only accumulate gradients.
         self.accumulation_boundary = True
         self._index: dict[torch.Tensor, int] = {}  # global parameter index, seeds the refreshes
@@ -144,7 +137,7 @@ class LotusAdamW(torch.optim.Optimizer):
         items = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not items:
             return loss
-        if not _all_finite([p.grad for _, p in items]):
+        if not self.comm.agree(_all_finite([p.grad for _, p in items])):
             self._on_nonfinite("step")
             return loss
         self._update(items)
@@ -167,18 +160,20 @@ class LotusAdamW(torch.optim.Optimizer):
                 _adamw_update(group, p, self.state[p])
         if not lowrank:
             return
-        stats = [SWITCH_POLICIES[g["switch"]].stats(g, self.state[p], r, p.grad)
+        full = self.comm.exposes_full_grad
+        stats = [SWITCH_POLICIES[g["switch"]].stats(g, self.state[p], r, p.grad if full else None)
                  for g, p, r in lowrank]
         reduced = self._reduce_stats(stats)
         for (group, p, r), s in zip(lowrank, reduced):
-            SWITCH_POLICIES[group["switch"]].decide(group, self.state[p], r, p.grad, s)
+            SWITCH_POLICIES[group["switch"]].decide(group, self.state[p], r,
+                                                    p.grad if full else None, s)
             self._lowrank_adam_update(group, p, r)
 
     def _reduce_stats(self, stats: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         present = [s for s in stats if s is not None]
         if not present:
             return stats
-        flat = self.stats_reduce(torch.cat([s.float() for s in present]))
+        flat = self.comm.stats_reduce(torch.cat([s.float() for s in present]))
         parts = iter(flat.split([s.numel() for s in present]))
         return [None if s is None else next(parts) for s in stats]
 
@@ -192,7 +187,7 @@ class LotusAdamW(torch.optim.Optimizer):
             self._refresh(group, p, state, side)
         else:
             state["steps_since_refresh"] += 1
-        return project(p.grad, state["basis"], side)
+        return self.comm.lowrank_grad(p, state["basis"], side)
 
     def _refresh(self, group: dict, p: torch.Tensor, state: dict, side: str) -> None:
         grad, rank = p.grad, group["rank"]
@@ -200,10 +195,11 @@ class LotusAdamW(torch.optim.Optimizer):
         gen = refresh_generator(self.seed, self._index[p], count, grad.device)
         kind = group["projection"]
         if kind == "svd" or (kind == "grassmann" and count == 0):
-            basis = svd_basis(grad, rank, side)
+            basis = svd_basis(self.comm.full_grad(p), rank, side)
         elif kind == "rsvd":
             basis = rsvd_basis(grad, rank, side, oversample=group["oversample"],
-                               power_iters=group["power_iters"], generator=gen)
+                               power_iters=group["power_iters"], generator=gen,
+                               comm=self.comm.rsvd_comm(p))
         elif kind == "random":
             basis = random_basis(projected_dim(p.shape, side), rank, gen, grad.device)
         else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -94,6 +95,26 @@ def orthonormalize(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y, mode="reduced").Q
 
 
+@dataclass(frozen=True)
+class RsvdComm:
+    """Where a distributed rSVD reduces (all identity in one process).
+
+    With A (d x k) the oriented gradient, the algorithm forms d x l sketches (A Omega,
+    A Z), k x l co-sketches (A^T Q) and the l x l Gram of B = Q^T A:
+
+    * A sharded over its k columns (FSDP): ``sketch`` and ``gram`` sum over shards; the
+      co-sketch rows stay local.
+    * A replicated per rank, the target being the rank mean (DDP): ``sketch`` and
+      ``cosketch`` average over ranks and the Gram is then local.
+
+    Every collective is a (d or k) x l sketch or the l x l Gram, never a full gradient.
+    """
+
+    sketch: Reduce = _identity
+    cosketch: Reduce = _identity
+    gram: Reduce = _identity
+
+
 def rsvd_basis(
     grad: torch.Tensor,
     rank: int,
@@ -103,31 +124,28 @@ def rsvd_basis(
     power_iters: int,
     generator: torch.Generator,
     omega: torch.Tensor | None = None,
-    reduce: Reduce = _identity,
+    comm: RsvdComm = RsvdComm(),
 ) -> torch.Tensor:
     """Top-``rank`` basis by randomized SVD with power iterations (Lotus Algorithm 1).
 
     With A = G (left) or G^T (right), of shape (d, k): Y = A Omega with a Gaussian
     Omega of k x (rank + oversample); q power iterations Y <- A (A^T orth(Y)) raise the
     spectrum to the power 2q + 1 (Lotus eq. 1); then B = Q^T A and the eigenvectors of
-    the small Gram B B^T rotate Q onto the top singular directions.
-
-    ``reduce`` sums a tensor over shards of the k dimension (identity in one process):
-    every collective is a (d x l) sketch or the (l x l) Gram, never a full gradient. A
-    caller holding only a shard of the columns passes its rows of ``omega``.
+    the small Gram B B^T rotate Q onto the top singular directions. A caller holding a
+    column shard of A passes its rows of ``omega``; ``comm`` says where to reduce.
     """
     a = _oriented(grad, side)
     d, k = a.shape
     width = min(rank + oversample, d)
     if omega is None:
         omega = torch.randn(k, width, generator=generator, device=a.device, dtype=torch.float32)
-    y = reduce(a @ omega)
+    y = comm.sketch(a @ omega)
     for _ in range(power_iters):
         q = orthonormalize(y)
-        y = reduce(a @ (a.T @ q))
+        y = comm.sketch(a @ comm.cosketch(a.T @ q))
     q = orthonormalize(y)
-    b = q.T @ a
-    gram = reduce(b @ b.T)
+    b = comm.cosketch((a.T @ q).T)
+    gram = comm.gram(b @ b.T)
     _, evecs = torch.linalg.eigh(gram)  # ascending eigenvalues
     top = evecs[:, -rank:].flip(-1)
     return (q @ top).contiguous()

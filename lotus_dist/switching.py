@@ -38,13 +38,18 @@ def _record_energy(state: State, r_sq: float, g_sq: float) -> None:
     state["energy"] = math.sqrt(r_sq / g_sq) if g_sq > 0 else math.nan
 
 
+def _grad_sq(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """||G||^2, or NaN where no rank holds the consumed gradient (low-rank DDP)."""
+    return _sq(g.float()) if g is not None else torch.full((), math.nan, device=like.device)
+
+
 class FixedSwitch:
     """GaLore: refresh every ``update_proj_gap`` steps."""
 
     def stats(self, group: Group, state: State, r: torch.Tensor, g: torch.Tensor):
         t = state["steps_since_refresh"]
         if t == 1 or t == group["update_proj_gap"]:
-            return torch.stack([_sq(r), _sq(g.float())])
+            return torch.stack([_sq(r), _grad_sq(g, r)])
         return None
 
     def decide(self, group: Group, state: State, r, g, stats: torch.Tensor | None) -> None:
@@ -68,10 +73,10 @@ class DisplacementSwitch:
         t = state["steps_since_refresh"]
         if t == 1:
             state["r_init"] = r.clone()
-            return torch.stack([_sq(r), _sq(g.float())])
+            return torch.stack([_sq(r), _grad_sq(g, r)])
         if t % group["verify_gap"] == 0:
             r0 = state["r_init"]
-            return torch.stack([_sq(r), _sq(g.float()), _dot(r, r0), _sq(r0)])
+            return torch.stack([_sq(r), _grad_sq(g, r), _dot(r, r0), _sq(r0)])
         return None
 
     def decide(self, group: Group, state: State, r, g, stats: torch.Tensor | None) -> None:
@@ -100,7 +105,10 @@ class PathEfficiencySwitch:
     Refresh when rho < ``gamma`` and T >= ``min_gap``; the window restarts at every check.
     """
 
-    def stats(self, group: Group, state: State, r: torch.Tensor, g: torch.Tensor):
+    def stats(self, group: Group, state: State, r: torch.Tensor, g: torch.Tensor | None):
+        if g is None:
+            raise RuntimeError("switch=path_efficiency needs the full gradient on every rank; "
+                               "it is not available with low-rank DDP communication")
         g32 = g.float()
         if state["steps_since_refresh"] == 1 or "sum_unit_lr" not in state:
             state["sum_unit_lr"] = torch.zeros_like(r)

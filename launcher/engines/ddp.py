@@ -1,0 +1,36 @@
+"""DDP: replicated weights, gradients averaged in full by DDP's bucketed all-reduce."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from launcher.distributed import DistInfo
+from launcher.engines.base import Engine
+
+
+class DDPEngine(Engine):
+    """DDP's reducer overlaps the all-reduce with backward; ``no_sync`` on all but the last
+    micro-batch makes gradient accumulation communicate once per optimizer step."""
+
+    name = "ddp"
+
+    def __init__(self, raw_model: nn.Module, optimizer: torch.optim.Optimizer,
+                 dist_info: DistInfo) -> None:
+        device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
+        super().__init__(DistributedDataParallel(raw_model, device_ids=device_ids), raw_model,
+                         optimizer, dist_info)
+
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        with super().micro_batch(last), (contextlib.nullcontext() if last
+                                         else self.model.no_sync()):
+            yield
+
+    def comm_bytes_per_step(self) -> dict[str, int]:
+        return {"full_gradients": sum(p.numel() * p.element_size()
+                                      for p in self.raw_model.parameters())}

@@ -139,6 +139,10 @@ class TrainingConfig:
     """The cosine decays to optim.lr * min_lr_ratio at the last step."""
     grad_clip: float = 0.0
     """Max global gradient norm; 0 disables clipping."""
+    clip_on: Literal["auto", "gradient", "consumed"] = "auto"
+    """Norm to clip on: the full gradient, or what the update consumes (R for projected
+    matrices); auto is consumed under low-rank DDP (which has no full gradient), else
+    gradient."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute dtype: auto is bf16 autocast on CUDA and fp32 on CPU."""
     log_interval: int = 10

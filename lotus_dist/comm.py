@@ -9,8 +9,10 @@ the single-process algorithm and its distributed forms share one code path.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate
 
-from lotus_dist.projection import RsvdComm, project
+from lotus_dist.projection import RsvdComm, project, project_back
 
 
 class LocalComm:
@@ -20,10 +22,16 @@ class LocalComm:
     #: norms of it reduce by ``stats_reduce``. False where each rank holds only its own
     #: summand (low-rank DDP): energy is then not reported and path_efficiency refused.
     exposes_full_grad: bool = True
+    #: Debug (``parallel.check_consistency``): ``check_bases`` after every step.
+    check_consistency: bool = False
 
     def agree(self, flag: bool) -> bool:
         """The same verdict on every rank (all ranks finite, say)."""
         return flag
+
+    def norm_sq_reduce(self, sq: torch.Tensor) -> torch.Tensor:
+        """Sum a squared norm's partial sums into the global one (sharded tensors)."""
+        return sq
 
     def stats_reduce(self, flat: torch.Tensor) -> torch.Tensor:
         """Reduce the partial sums behind the switch decisions (one call per step)."""
@@ -40,3 +48,80 @@ class LocalComm:
     def lowrank_grad(self, p: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
         """R, the projected gradient the optimizer consumes (reduced where needed)."""
         return project(p.grad, basis, side)
+
+    def project_back(self, p: torch.Tensor, low_rank: torch.Tensor, basis: torch.Tensor,
+                     side: str) -> torch.Tensor:
+        """The update of this rank's part of ``p`` (its local shard where ``p`` is sharded)."""
+        return project_back(low_rank, basis, side)
+
+    def check_bases(self, bases: list[tuple[str, torch.Tensor, int]]) -> None:
+        """Raise ``InconsistentBasisError`` where ranks hold different (name, basis, refresh
+        count); one process cannot disagree with itself."""
+
+
+# --------------------------------------------------------------------- sharded tensors
+
+
+def local_view(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: the local shard of a DTensor (sharing its storage, so
+    in-place updates reach the DTensor), else ``t`` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def partial_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """This rank's share of <a, b> (fp32): summed over ranks it is the global value.
+
+    ``a`` and ``b`` are plain tensors or DTensors laid out alike. A sharded pair
+    contributes its local part; a pair replicated over a mesh dimension counts on that
+    dimension's first rank only, so a replicated quantity is not summed once per rank.
+    """
+    dot = (local_view(a).float() * local_view(b).float()).sum()
+    if isinstance(a, DTensor) and not _owns_replica(a):
+        return torch.zeros_like(dot)
+    return dot
+
+
+def _owns_replica(t: DTensor) -> bool:
+    coordinate = t.device_mesh.get_coordinate() or []
+    return all(c == 0 for c, placement in zip(coordinate, t.placements)
+               if isinstance(placement, Replicate))
+
+
+# --------------------------------------------------------------------- consistency check
+
+
+class InconsistentBasisError(RuntimeError):
+    """Ranks hold different projection bases (``parallel.check_consistency``)."""
+
+
+def assert_bases_agree(bases: list[tuple[str, torch.Tensor, int]],
+                       group: dist.ProcessGroup | None = None, rtol: float = 1e-5) -> None:
+    """All-gather checksums of every (name, basis, refresh count) and raise
+    ``InconsistentBasisError`` on every rank, naming the first matrix whose checksum
+    differs between ranks.
+
+    The checksums are the sum of the basis and its sum weighted by a fixed ramp (which a
+    permutation or a sign flip changes), plus the refresh count, so a rank that refreshed
+    at another step is caught too. Ranks compute bases from identical reduced inputs, so
+    ``rtol`` only absorbs nondeterministic kernels. Collective: every rank calls it with
+    the same matrices in the same order.
+    """
+    rows = []
+    for _name, basis, count in bases:
+        b = basis.detach().double().flatten()
+        ramp = torch.linspace(1.0, 2.0, b.numel(), dtype=torch.float64, device=b.device)
+        rows.append(torch.stack([b.sum(), (b * ramp).sum(), b.new_tensor(float(count))]))
+    mine = torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    reference = gathered[0]
+    for i, (name, _basis, _count) in enumerate(bases):
+        tol = rtol * (1.0 + reference[i].abs())
+        bad = [r for r, sums in enumerate(gathered) if ((sums[i] - reference[i]).abs() > tol).any()]
+        if bad:
+            detail = "; ".join(f"rank {r}: refresh {int(g[i, 2])}, checksum {g[i, 1]:.9g}"
+                               for r, g in enumerate(gathered))
+            raise InconsistentBasisError(
+                f"parallel.check_consistency: ranks disagree on the projection basis of {name} "
+                f"(rank(s) {bad} differ from rank 0: {detail}); their subspace decisions or "
+                "reductions have diverged")

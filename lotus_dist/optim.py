@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 
-from lotus_dist.comm import LocalComm
+from lotus_dist.comm import LocalComm, local_view, partial_dot
 from lotus_dist.projection import (
     PROJ_TYPES,
     PROJECTIONS,
     grassmann_step,
-    project_back,
     projected_dim,
     projection_side,
     random_basis,
@@ -96,6 +95,8 @@ class LotusAdamW(torch.optim.Optimizer):
         self.skipped_steps = 0
         #: The parallelism's collectives; a distributed engine installs its own.
         self.comm = LocalComm()
+        self._lowrank: dict[torch.Tensor, torch.Tensor] = {}  # R per matrix, from prepare()
+        self._prepared = False
         #: In per-layer mode, False on micro-batches that only accumulate gradients.
         self.accumulation_boundary = True
         self._index: dict[torch.Tensor, int] = {}  # global parameter index, seeds the refreshes
@@ -124,7 +125,7 @@ class LotusAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One optimizer step.
+        """One optimizer step: ``prepare()`` (unless the caller already did), then update.
 
         In per-layer mode the hooks already updated every parameter and freed its
         gradient, so this only updates parameters whose gradient no hook consumed (for
@@ -134,14 +135,57 @@ class LotusAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._prepared and not self.prepare():
+            return loss
+        self._prepared = False
+        self._update([(g, p) for g in self.param_groups for p in g["params"]
+                      if p.grad is not None])
+        return loss
+
+    @torch.no_grad()
+    def prepare(self) -> bool:
+        """First half of a step: check the gradients, refresh the bases that are due and
+        project, so that the low-rank gradients the update will consume are known.
+
+        Returns False, counting or raising as ``nonfinite`` says, when a gradient holds
+        inf/NaN: nothing was refreshed and the caller must not call ``step()``. Engines
+        call it before clipping on ``consumed_grad_norm()``; ``step()`` calls it itself.
+        """
         items = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not items:
-            return loss
-        if not self.comm.agree(_all_finite([p.grad for _, p in items])):
+            return False
+        if not self.comm.agree(_all_finite([local_view(p.grad) for _, p in items])):
             self._on_nonfinite("step")
-            return loss
-        self._update(items)
-        return loss
+            return False
+        for group, p in items:
+            if "rank" in group:
+                self._lowrank[p] = self._refresh_and_project(group, p)
+        if self.comm.check_consistency:
+            self.comm.check_bases([(name, self.state[p]["basis"], self.state[p]["refresh_count"])
+                                   for name, p in self._projected_with_basis()])
+        self._prepared = True
+        return True
+
+    @torch.no_grad()
+    def consumed_grad_norm(self) -> float:
+        """Norm of what the update consumes: the low-rank gradients R of projected matrices
+        and the full gradients of the rest. Call after ``prepare()``; this is the norm that
+        low-rank communication can clip on, offered here so runs can be compared."""
+        parts = [partial_dot(r, r) for r in self._lowrank.values()]
+        parts += [partial_dot(p.grad, p.grad) for g in self.param_groups if "rank" not in g
+                  for p in g["params"] if p.grad is not None]
+        return float(self.comm.norm_sq_reduce(torch.stack(parts).sum()).sqrt())
+
+    @torch.no_grad()
+    def scale_consumed_grads(self, factor: float) -> None:
+        """Multiply what the update consumes by ``factor`` (clipping)."""
+        for r in self._lowrank.values():
+            r.mul_(factor)
+        for group in self.param_groups:
+            if "rank" not in group:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
 
     def _on_nonfinite(self, where: str) -> None:
         if self.nonfinite == "raise":
@@ -155,7 +199,7 @@ class LotusAdamW(torch.optim.Optimizer):
         lowrank = []
         for group, p in items:
             if "rank" in group:
-                lowrank.append((group, p, self._refresh_and_project(group, p)))
+                lowrank.append((group, p, self._lowrank.pop(p)))
             else:
                 _adamw_update(group, p, self.state[p])
         if not lowrank:
@@ -190,7 +234,7 @@ class LotusAdamW(torch.optim.Optimizer):
         return self.comm.lowrank_grad(p, state["basis"], side)
 
     def _refresh(self, group: dict, p: torch.Tensor, state: dict, side: str) -> None:
-        grad, rank = p.grad, group["rank"]
+        grad, rank = local_view(p.grad), group["rank"]  # a sharded gradient's local part
         count = state.get("refresh_count", 0)
         gen = refresh_generator(self.seed, self._index[p], count, grad.device)
         kind = group["projection"]
@@ -218,7 +262,7 @@ class LotusAdamW(torch.optim.Optimizer):
         """Adam moments across a refresh: keep (GaLore), reset, or rotate (GrassWalk AO)."""
         if "exp_avg" not in state or group["moments"] == "keep":
             return
-        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m, v = local_view(state["exp_avg"]), local_view(state["exp_avg_sq"])
         if group["moments"] == "reset":
             m.zero_()
             v.zero_()
@@ -236,9 +280,12 @@ class LotusAdamW(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(r)
             state["exp_avg_sq"] = torch.zeros_like(r)
         norm_r = _adam_direction(group, state, r)
-        update = project_back(norm_r, state["basis"], side)
+        update = self.comm.project_back(p, norm_r, state["basis"], side)
         if group["recovery_scaling"]:
-            update += _recovery_term(group, state, p.grad, r, norm_r, side)
+            residual = local_view(p.grad).float() - self.comm.project_back(p, r, state["basis"],
+                                                                            side)
+            update += _recovery_term(group, state, residual, local_view(r), local_view(norm_r),
+                                     side, self.comm)
         _apply_update(group, p, state, update.mul_(group["scale"]))
 
     # ----------------------------------------------------------------- per-layer mode
@@ -262,10 +309,13 @@ class LotusAdamW(torch.optim.Optimizer):
     def _per_layer_hook(self, p: torch.Tensor) -> None:
         if not self.accumulation_boundary:
             return
+        group = self._group_of[p]
         if not _all_finite([p.grad]):
             self._on_nonfinite(f"parameter #{self._index[p]}")
         else:
-            self._update([(self._group_of[p], p)])
+            if "rank" in group:
+                self._lowrank[p] = self._refresh_and_project(group, p)
+            self._update([(group, p)])
         p.grad = None
 
     # ----------------------------------------------------------------- state and telemetry
@@ -296,20 +346,26 @@ class LotusAdamW(torch.optim.Optimizer):
         """Per projected matrix: refresh count, steps since refresh, last switch metric
         (displacement or rho) and captured energy ||R||/||G||, keyed by parameter name."""
         out = {}
+        for name, p in self._projected_with_basis():
+            state = self.state[p]
+            out[name] = {
+                "refresh_count": state["refresh_count"],
+                "steps_since_refresh": state["steps_since_refresh"],
+                "switch_metric": state["switch_metric"],
+                "energy": state["energy"],
+            }
+        return out
+
+    def _projected_with_basis(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, parameter) of every projected matrix that has a basis, in group order."""
+        out = []
         for group in self.param_groups:
             if "rank" not in group:
                 continue
             names = group.get("param_names") or [None] * len(group["params"])
             for name, p in zip(names, group["params"]):
-                state = self.state.get(p, {})
-                if "basis" not in state:
-                    continue
-                out[name or f"param{self._index[p]}"] = {
-                    "refresh_count": state["refresh_count"],
-                    "steps_since_refresh": state["steps_since_refresh"],
-                    "switch_metric": state["switch_metric"],
-                    "energy": state["energy"],
-                }
+                if "basis" in self.state.get(p, {}):
+                    out.append((name or f"param{self._index[p]}", p))
         return out
 
 
@@ -387,7 +443,8 @@ def _apply_update(group: dict, p: torch.Tensor, state: dict, direction: torch.Te
     if group["correct_bias"]:
         beta1, beta2 = group["betas"]
         step_size = lr * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
-    p.add_(direction.to(p.dtype), alpha=-step_size)
+    p = local_view(p)  # a sharded parameter updates its local shard, in place
+    p.add_(local_view(direction).to(p.dtype), alpha=-step_size)
     if group["weight_decay"] > 0.0:
         p.add_(p, alpha=-lr * group["weight_decay"])
 
@@ -400,19 +457,20 @@ def _adamw_update(group: dict, p: torch.Tensor, state: dict) -> None:
     _apply_update(group, p, state, _adam_direction(group, state, p.grad))
 
 
-def _recovery_term(group: dict, state: dict, grad: torch.Tensor, r: torch.Tensor,
-                   norm_r: torch.Tensor, side: str) -> torch.Tensor:
+def _recovery_term(group: dict, state: dict, residual: torch.Tensor, r: torch.Tensor,
+                   norm_r: torch.Tensor, side: str, comm: LocalComm) -> torch.Tensor:
     """Residual G - B R scaled per column by the optimizer's gain (GrassWalk / Fira).
 
     phi_j = ||N_j|| / ||R_j|| over the columns the projection keeps (left: columns of R;
     right: rows), so the discarded signal moves like Adam moved the kept one. A limiter
-    caps the norm of the term at ``recovery_limiter`` times its last value.
+    caps the norm of the term at ``recovery_limiter`` times its last value. Under
+    sharding ``residual`` is this rank's part of G - B R and ``r``, ``norm_r`` the local
+    parts of R and N: every kept column is whole on one rank, and the norm is reduced.
     """
-    residual = grad.float() - project_back(r, state["basis"], side)
     dim = 0 if side == "left" else 1
     phi = norm_r.norm(dim=dim, keepdim=True) / r.norm(dim=dim, keepdim=True).clamp_min(1e-12)
     term = residual * phi
-    norm = float(term.norm())
+    norm = float(comm.norm_sq_reduce(partial_dot(term, term)).sqrt())
     last = state.get("recovery_norm")
     limit = group["recovery_limiter"]
     if last is not None and last > 0 and norm > limit * last:

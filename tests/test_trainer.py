@@ -22,7 +22,7 @@ def overrides(corpus, tokenizer, run_dir, *extra: str) -> list[str]:
     return [f"data.path={corpus}", f"data.tokenizer={tokenizer}", f"run.dir={run_dir}",
             "model.max_seq_len=32", "training.seq_len=32", "training.batch_size=8",
             "training.micro_batch_size=4", "training.steps=24", "training.warmup_steps=4",
-            "training.log_interval=2", "eval.interval=8", "eval.batches=2",
+            "training.log_interval=1", "eval.interval=8", "eval.batches=2",
             "checkpoint.interval=8", "checkpoint.keep_latest=0", "optim.rank=8",
             "optim.verify_gap=3", "optim.gamma=0.2", "optim.lr=0.01", "run.tensorboard=false",
             *extra]
@@ -62,20 +62,41 @@ def test_resume_after_losing_the_newest_checkpoint_reproduces_the_losses(small_c
     assert rows(tmp_path) == uninterrupted
 
 
-def test_two_rank_ddp_equals_one_rank(small_corpus, tmp_path):
+@pytest.mark.parametrize("lowrank", [False, True], ids=["ddp", "ddp_lowrank"])
+def test_two_ranks_equal_one_rank(small_corpus, tmp_path, lowrank):
+    # gamma=2 refreshes at every check: a threshold rounding cannot flip; both runs clip
+    # on what the update consumes, the only norm low-rank communication has
+    common = ["optim.gamma=2.0", "training.clip_on=consumed", f"parallel.lowrank_comm={lowrank}"]
     one, two = tmp_path / "one", tmp_path / "two"
-    run(load_config("configs/tiny.yaml", overrides(*small_corpus, one)))
+    run(load_config("configs/tiny.yaml", overrides(*small_corpus, one, *common)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc_per_node=2", "-m", "launcher", "train", "--config",
-                    "configs/tiny.yaml", *(f"--set={o}" for o in overrides(*small_corpus, two))],
+                    "configs/tiny.yaml",
+                    *(f"--set={o}" for o in overrides(*small_corpus, two, *common))],
                    cwd=REPO, env=env, check=True, capture_output=True)
-    for (s1, l1), (s2, l2) in zip(train_rows(one), train_rows(two), strict=True):
-        assert s1 == s2 and l1 == pytest.approx(l2, rel=2e-4)
+    # Until the first refresh after the initial one (step 4 with verify_gap=3) only
+    # rounding separates the runs; the gradient norm catches a sum-for-mean bug that
+    # Adam's scale invariance would hide. After it, a top-r subspace with near-equal
+    # singular values at the cut turns with 1e-7 perturbations (for an exact SVD too),
+    # so later steps agree only loosely.
+    for r1, r2 in zip(rows(one), rows(two), strict=True):
+        tight = r1["step"] <= 4
+        for key in ("loss", "grad_norm", "eval_loss") if tight else ("loss", "eval_loss"):
+            if r1.get(key) is not None:
+                assert r2[key] == pytest.approx(r1[key], rel=1e-5 if tight else 5e-3), \
+                    (r1["step"], key)
     s1 = json.loads((one / "summary.json").read_text())
     s2 = json.loads((two / "summary.json").read_text())
     assert s1["refreshes_per_matrix"] == s2["refreshes_per_matrix"]
-    assert s2["final_eval_loss"] == pytest.approx(s1["final_eval_loss"], rel=2e-4)
+    assert s2["engine"] == ("ddp_lowrank" if lowrank else "ddp")
+    sent = s2["bytes_per_step"]
+    if lowrank:
+        # tiny: dim 128, MLP 352, 4 layers, rank 8. Each projected matrix sends R of
+        # r x max(m, n) fp32 values; only embeddings, head and norms go in full.
+        dim, mlp, layers, vocab = 128, 352, 4, 512
+        assert sent["lowrank_gradients"] == 4 * layers * 8 * (4 * dim + 3 * mlp)
+        assert sent["full_gradients"] == 4 * (2 * vocab * dim + (2 * layers + 1) * dim)
 
 
 def test_per_layer_mode_trains_like_the_normal_step(small_corpus, tmp_path):

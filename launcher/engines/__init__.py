@@ -7,7 +7,7 @@ optimizer is built on the parameters the engine will update.
 
 from __future__ import annotations
 
-from launcher.config import Config, ConfigError
+from launcher.config import PROJECTED_OPTIMIZERS, Config, ConfigError
 from launcher.distributed import DistInfo
 from launcher.engines.base import Engine
 from launcher.optimizer import build_optimizer
@@ -27,8 +27,37 @@ def build_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo) -> En
     optimizer = build_optimizer(cfg.optim, raw_model, seed=cfg.training.seed)
     if cfg.optim.per_layer:
         optimizer.register_per_layer_hooks()
+    lowrank = (dist_info.world_size > 1 and cfg.parallel.lowrank_comm
+               and cfg.optim.name in PROJECTED_OPTIMIZERS)
+    clip_on = cfg.training.clip_on
+    if lowrank:
+        _check_lowrank_ddp(cfg)
+    elif clip_on == "consumed" and cfg.optim.name not in PROJECTED_OPTIMIZERS:
+        raise ConfigError("training.clip_on=consumed needs optim.name=galore or lotus")
     if dist_info.world_size == 1:
-        return Engine(raw_model, raw_model, optimizer, dist_info)
-    from launcher.engines.ddp import DDPEngine
+        engine = Engine(raw_model, raw_model, optimizer, dist_info)
+    elif lowrank:
+        from launcher.engines.ddp_lowrank import LowRankDDPEngine
 
-    return DDPEngine(raw_model, optimizer, dist_info)
+        return LowRankDDPEngine(raw_model, optimizer, dist_info)
+    else:
+        from launcher.engines.ddp import DDPEngine
+
+        engine = DDPEngine(raw_model, optimizer, dist_info)
+    engine.clip_consumed = clip_on == "consumed"
+    return engine
+
+
+def _check_lowrank_ddp(cfg: Config) -> None:
+    """What low-rank DDP cannot do: every rank holds only its own gradient summand."""
+    o = cfg.optim
+    if cfg.training.clip_on == "gradient":
+        raise ConfigError("parallel.lowrank_comm=true never forms the full mean gradient, so "
+                          "it clips on what the update consumes: set training.clip_on=auto "
+                          "or consumed (or parallel.lowrank_comm=false)")
+    if o.switch == "path_efficiency" or o.recovery_scaling:
+        key = "optim.switch=path_efficiency" if o.switch == "path_efficiency" else \
+            "optim.recovery_scaling=true"
+        raise ConfigError(f"{key} needs the full mean gradient on every rank, which "
+                          "parallel.lowrank_comm=true never forms: set "
+                          "parallel.lowrank_comm=false (or use parallel.engine=fsdp)")

@@ -35,6 +35,9 @@ class Engine:
         self.model, self.raw_model, self.optimizer = model, raw_model, optimizer
         self.dist = dist_info
         self.per_layer = isinstance(optimizer, LotusAdamW) and optimizer.per_layer
+        #: Clip on the norm of what the update consumes (R for projected matrices)
+        #: instead of the full gradient (training.clip_on=consumed).
+        self.clip_consumed = False
 
     @contextlib.contextmanager
     def micro_batch(self, last: bool) -> Iterator[None]:
@@ -47,10 +50,18 @@ class Engine:
         loss.backward()
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        """Global norm of the gradients the optimizer consumes, clipped to ``max_norm`` when
-        it is > 0; nan in per-layer mode (gradients are consumed inside backward)."""
+        """Finish the step's gradient communication; return the global gradient norm,
+        clipping to ``max_norm`` when it is > 0. nan in per-layer mode (gradients are
+        consumed inside backward) and when a gradient is non-finite."""
         if self.per_layer:
             return math.nan
+        if self.clip_consumed:
+            if not self.optimizer.prepare():
+                return math.nan
+            norm = self.optimizer.consumed_grad_norm()
+            if max_norm > 0 and norm > max_norm:
+                self.optimizer.scale_consumed_grads(max_norm / (norm + 1e-6))
+            return norm
         params = [p for p in self.model.parameters() if p.grad is not None]
         if max_norm > 0:
             return float(torch.nn.utils.clip_grad_norm_(params, max_norm))

@@ -1,0 +1,152 @@
+"""Low-rank DDP: replicated weights, and projected matrices communicate only R.
+
+Averaging commutes with projection, mean_w(B^T G_w) = B^T mean_w(G_w), so all-reducing
+each rank's R = project(G_w) gives exactly the R of single-process Lotus on the global
+batch. As each gradient becomes final in backward (the last micro-batch), a hook
+projects it with the shared basis (or takes the full gradient of a non-projected
+parameter) and adds it to a bucket; full buckets are all-reduced asynchronously while
+backward goes on. A matrix whose basis is due for a refresh is left out: its refresh
+runs a distributed rSVD of the rank-mean gradient whose collectives are all sketches
+((m or n) x (r+p)), then its R is reduced. Exact ``svd`` has to all-reduce the full
+gradient, and is counted as such.
+
+Every quantity behind a switch decision is computed from reduced (identical) values
+and reduced once more per step, so all ranks take the same decisions.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lotus_dist.comm import LocalComm
+from lotus_dist.optim import LotusAdamW
+from lotus_dist.projection import RsvdComm, project, projection_side
+
+BYTES_KINDS = ("lowrank_gradients", "full_gradients", "sketches", "stats")
+
+
+@dataclass
+class _Bucket:
+    """Tensors flattened into one buffer for one asynchronous all-reduce."""
+
+    keys: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    numel: int = 0
+
+
+class LowRankDDPComm(LocalComm):
+    """The communication of low-rank DDP, installed as ``optimizer.comm``.
+
+    Args:
+        model: the replicated model; its parameters are broadcast from rank 0 so every
+            rank starts from the same weights.
+        optimizer: the LotusAdamW whose projected groups define what is low-rank.
+        bucket_mb: size at which a bucket is sent (DDP's default is 25 MB).
+    """
+
+    exposes_full_grad = False
+
+    def __init__(self, model: nn.Module, optimizer: LotusAdamW, bucket_mb: float = 25.0,
+                 group: dist.ProcessGroup | None = None) -> None:
+        self.optimizer, self.group = optimizer, group
+        self.world = dist.get_world_size(group)
+        self.bucket_numel = int(bucket_mb * 2**20 / 4)
+        self.projected = {p for g in optimizer.param_groups if "rank" in g for p in g["params"]}
+        self.boundary = True
+        self.bytes: Counter[str] = Counter()
+        self._ready: dict[torch.Tensor, torch.Tensor] = {}
+        self._bucket = _Bucket()
+        self._inflight: list[tuple[dist.Work, torch.Tensor, _Bucket]] = []
+        for p in model.parameters():
+            dist.broadcast(p.data, src=dist.get_global_rank(group, 0) if group else 0,
+                           group=group)
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    # ----------------------------------------------------------------- backward side
+
+    def _on_grad_ready(self, p: torch.Tensor) -> None:
+        """Project (or take whole) the final gradient of ``p`` and queue its all-reduce."""
+        if not self.boundary:
+            return
+        if p not in self.projected:
+            self._add(p, "full_gradients", p.grad)
+            return
+        state = self.optimizer.state.get(p, {})
+        if "basis" in state and not state["refresh_pending"]:
+            side = projection_side(p.shape, self.optimizer._group_of[p]["proj_type"])
+            with torch.no_grad():
+                self._add(p, "lowrank_gradients", project(p.grad, state["basis"], side))
+
+    def _add(self, p: torch.Tensor, kind: str, t: torch.Tensor) -> None:
+        b = self._bucket
+        b.keys.append((p, kind))
+        b.tensors.append(t)
+        b.numel += t.numel()
+        if b.numel >= self.bucket_numel:
+            self._send()
+
+    def _send(self) -> None:
+        b, self._bucket = self._bucket, _Bucket()
+        if not b.tensors:
+            return
+        flat = torch.cat([t.reshape(-1).float() for t in b.tensors])
+        for (_, kind), t in zip(b.keys, b.tensors):
+            self.bytes[kind] += t.numel() * 4
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self._inflight.append((work, flat, b))
+
+    def finish(self) -> None:
+        """After the last backward of a step: wait for every bucket and put the rank means
+        where the optimizer reads them (p.grad for full gradients, R for the rest)."""
+        self._send()
+        for work, flat, bucket in self._inflight:
+            work.wait()
+            flat /= self.world
+            for (p, kind), t, part in zip(bucket.keys, bucket.tensors,
+                                          flat.split([t.numel() for t in bucket.tensors])):
+                mean = part.view_as(t)
+                if kind == "full_gradients":
+                    p.grad.copy_(mean)
+                else:
+                    self._ready[p] = mean
+        self._inflight.clear()
+
+    def reset(self) -> None:
+        """Drop this step's leftovers (a skipped step leaves its R unused)."""
+        self._ready.clear()
+
+    # ----------------------------------------------------------------- optimizer side
+
+    def _mean(self, t: torch.Tensor, kind: str) -> torch.Tensor:
+        t = t.float().contiguous()
+        self.bytes[kind] += t.numel() * 4
+        dist.all_reduce(t, group=self.group)
+        return t.div_(self.world)
+
+    def agree(self, flag: bool) -> bool:
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(t.item())
+
+    def stats_reduce(self, flat: torch.Tensor) -> torch.Tensor:
+        # the stats come from reduced values and agree already; averaging makes the
+        # decisions bitwise identical even if a backend were not deterministic
+        return self._mean(flat, "stats")
+
+    def rsvd_comm(self, p: torch.Tensor) -> RsvdComm:
+        return RsvdComm(sketch=lambda t: self._mean(t, "sketches"),
+                        cosketch=lambda t: self._mean(t, "sketches"))
+
+    def full_grad(self, p: torch.Tensor) -> torch.Tensor:
+        return self._mean(p.grad, "full_gradients")
+
+    def lowrank_grad(self, p: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+        if p in self._ready:
+            return self._ready.pop(p)
+        return self._mean(project(p.grad, basis, side), "lowrank_gradients")

@@ -48,9 +48,13 @@ def run(cfg: Config) -> dict:
 
 
 def print_summary(summary: dict) -> None:
+    def ppl(key: str) -> str:
+        value = summary.get(key)
+        return "n/a" if value is None else f"{value:.2f}"
+
     print(f"done: {summary['steps']} steps, {summary['tokens_seen']:,} tokens at "
           f"{summary['tokens_per_s']:,.0f} tok/s; eval perplexity "
-          f"{summary['initial_eval_ppl']:.2f} -> {summary['final_eval_ppl']:.2f}; "
+          f"{ppl('initial_eval_ppl')} -> {ppl('final_eval_ppl')}; "
           f"refreshes {sum(summary['refreshes_per_matrix'].values())} over "
           f"{len(summary['refreshes_per_matrix'])} matrices")
 

@@ -123,6 +123,9 @@ class Trainer:
                     self.log(f"stopping at step {step} on signal {self._stop_signal} "
                              "(checkpoint written; relaunch to resume)")
                     break
+            if not last_eval and self._stop_signal is None:  # resumed a finished run
+                self.log(f"the run had already reached training.steps={cfg.steps}")
+                last_eval = self.evaluate()
         finally:
             metrics.close()
         summary = self._summary(last_eval)

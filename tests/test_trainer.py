@@ -49,6 +49,14 @@ def test_loss_falls_and_outputs_are_written(small_corpus, tmp_path):
     assert min(summary["refreshes_per_matrix"].values()) >= 2  # verify_gap=3 over 24 steps
 
 
+def test_relaunching_a_finished_run_reports_it_without_training(small_corpus, tmp_path):
+    first = run(load_config("configs/tiny.yaml", overrides(*small_corpus, tmp_path)))
+    again = run(load_config("configs/tiny.yaml", overrides(*small_corpus, tmp_path)))
+    assert again["steps"] == first["steps"] == 24
+    assert again["final_eval_loss"] == pytest.approx(first["final_eval_loss"])
+    assert again["tokens_seen"] == first["tokens_seen"]
+
+
 @pytest.mark.parametrize("optim", ["adamw", "lotus", "galore"])
 def test_resume_after_losing_the_newest_checkpoint_reproduces_the_losses(small_corpus, tmp_path,
                                                                           optim):

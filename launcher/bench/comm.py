@@ -82,17 +82,18 @@ def _counted_rows(sizes: list[str], interval: int) -> list[dict]:
     return rows
 
 
-def _measure(size: str, lowrank: bool, steps: int, overrides: list[str], tmp: Path) -> dict:
-    run_dir = tmp / f"{size}-{'lowrank' if lowrank else 'full'}"
+def _measure(size: str, lowrank: bool, steps: int, overrides: list[str], run_dir: Path) -> dict:
     sets = [f"model.size={size}", f"run.dir={run_dir}", f"training.steps={steps}",
             "training.warmup_steps=1", "eval.interval=0", "eval.batches=1",
             "checkpoint.interval=0", "run.tensorboard=false", "training.clip_on=consumed",
             f"parallel.lowrank_comm={str(lowrank).lower()}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node=2", "-m", "launcher", "train", "--config",
-                    "configs/tiny.yaml", *(f"--set={s}" for s in sets)],
-                   env=env, check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "-m", "launcher", "train", "--config",
+                           "configs/tiny.yaml", *(f"--set={s}" for s in sets)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"bench comm: the {size} run failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"seconds_per_step": summary["wall_time_s"] / summary["steps"],
             "bytes_per_step": summary["bytes_per_step"]}
@@ -126,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         for size in sizes:
             # alternate the order so a drift of the machine does not favour one mode
             runs = {}
-            for lowrank in (False, True, False, True):
-                m = _measure(size, lowrank, args.steps, args.overrides, Path(tmp))
+            for i, lowrank in enumerate((False, True, False, True)):
+                m = _measure(size, lowrank, args.steps, args.overrides, Path(tmp) / f"{size}-{i}")
                 runs.setdefault(lowrank, []).append(m)
             full = min(m["seconds_per_step"] for m in runs[False])
             low = min(m["seconds_per_step"] for m in runs[True])

@@ -52,6 +52,16 @@ def refresh_counts(opt: LotusAdamW) -> dict[str, int]:
     return {k: v["refresh_count"] for k, v in opt.telemetry().items()}
 
 
+def clipped_step(opt: LotusAdamW) -> float:
+    """prepare, clip on the consumed norm at 1.0, update; return the norm."""
+    assert opt.prepare()
+    norm = opt.consumed_grad_norm()
+    if norm > 1.0:
+        opt.scale_consumed_grads(1.0 / (norm + 1e-6))
+    opt.step()
+    return norm
+
+
 def run_single(options: dict, world: int) -> tuple[dict, dict, list[float]]:
     """One process on the global batch; clip on the consumed norm like low-rank DDP."""
     model, opt = make(options)
@@ -59,12 +69,7 @@ def run_single(options: dict, world: int) -> tuple[dict, dict, list[float]]:
     for batch in global_batches(world):
         opt.zero_grad()
         loss_of(model, batch).backward()
-        assert opt.prepare()
-        norm = opt.consumed_grad_norm()
-        norms.append(norm)
-        if norm > 1.0:
-            opt.scale_consumed_grads(1.0 / (norm + 1e-6))
-        opt.step()
+        norms.append(clipped_step(opt))
     return model.state_dict(), refresh_counts(opt), norms
 
 
@@ -88,12 +93,7 @@ def _worker(rank: int, world: int, port: int, options: dict, out: str, perturb: 
         comm.boundary = True
         (loss_of(model, local[2:]) / 2).backward()
         comm.finish()
-        assert opt.prepare()
-        norm = opt.consumed_grad_norm()
-        norms.append(norm)
-        if norm > 1.0:
-            opt.scale_consumed_grads(1.0 / (norm + 1e-6))
-        opt.step()
+        norms.append(clipped_step(opt))
     torch.save({"weights": model.state_dict(), "refreshes": refresh_counts(opt),
                 "bytes": dict(comm.bytes),
                 "norms": norms}, f"{out}.{rank}")

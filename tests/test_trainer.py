@@ -77,12 +77,7 @@ def test_two_ranks_equal_one_rank(small_corpus, tmp_path, lowrank):
     common = ["optim.gamma=2.0", "training.clip_on=consumed", f"parallel.lowrank_comm={lowrank}"]
     one, two = tmp_path / "one", tmp_path / "two"
     run(load_config("configs/tiny.yaml", overrides(*small_corpus, one, *common)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node=2", "-m", "launcher", "train", "--config",
-                    "configs/tiny.yaml",
-                    *(f"--set={o}" for o in overrides(*small_corpus, two, *common))],
-                   cwd=REPO, env=env, check=True, capture_output=True)
+    torchrun(2, overrides(*small_corpus, two, *common))
     # Until the first refresh after the initial one (step 4 with verify_gap=3) only
     # rounding separates the runs; the gradient norm catches a sum-for-mean bug that
     # Adam's scale invariance would hide. After it, a top-r subspace with near-equal
@@ -105,6 +100,30 @@ def test_two_ranks_equal_one_rank(small_corpus, tmp_path, lowrank):
         dim, mlp, layers, vocab = 128, 352, 4, 512
         assert sent["lowrank_gradients"] == 4 * layers * 8 * (4 * dim + 3 * mlp)
         assert sent["full_gradients"] == 4 * (2 * vocab * dim + (2 * layers + 1) * dim)
+
+
+def torchrun(nproc: int, args: list[str]) -> None:
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={nproc}", "-m", "launcher", "train", "--config",
+                    "configs/tiny.yaml", *(f"--set={o}" for o in args)],
+                   cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True,
+                   capture_output=True)
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process(small_corpus, tmp_path, capsys):
+    args = overrides(*small_corpus, tmp_path, "optim.gamma=2.0", "training.clip_on=consumed")
+    torchrun(2, args)
+    uninterrupted = rows(tmp_path)
+    for step in (16, 24):
+        shutil.rmtree(tmp_path / "ckpt" / f"step-{step}")
+    run(load_config("configs/tiny.yaml", args))
+    assert "resumed from step 8" in capsys.readouterr().out
+    resumed = rows(tmp_path)
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted]
+    for a, b in zip(uninterrupted, resumed, strict=True):
+        for key in ("loss", "eval_loss"):
+            if a.get(key) is not None:  # see test_two_ranks_equal_one_rank on tolerance
+                assert b[key] == pytest.approx(a[key], rel=5e-3 if a["step"] > 8 else 1e-9)
 
 
 def test_per_layer_mode_trains_like_the_normal_step(small_corpus, tmp_path):

@@ -4,25 +4,33 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint bench-projector clean
+.PHONY: train test test-slurm lint lint-cluster bench-projector clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and alone, so nothing else can choose a CUDA build for us
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed]'
 	touch $(STAMP)
 
 train: $(STAMP)
 	$(BIN)/lotus-train train --config configs/tiny.yaml
 
-test: $(STAMP)
-	$(BIN)/ruff check .
+test: lint lint-cluster
 	$(BIN)/python -m pytest tests
+
+# A real two-node SLURM on this machine (root; installs Debian's slurm-wlm the first time).
+test-slurm: $(STAMP)
+	LOTUS_TEST_SLURM=1 $(BIN)/python -m pytest -m slurm tests/test_slurm.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# shellcheck on the cluster scripts, hadolint on the Dockerfile (no Docker engine needed).
+lint-cluster: $(STAMP)
+	$(BIN)/shellcheck slurm/*.sbatch slurm/*.sh docker/*.sh
+	$(BIN)/hadolint docker/Dockerfile
 
 bench-projector: $(STAMP)
 	$(BIN)/lotus-train bench projector

@@ -14,6 +14,9 @@ everything in place into the structure it is given, so a loading run must presen
 same keys; ``load`` checks that both ways, because DCP alone silently skips checkpoint
 entries the target lacks (e.g. the moments of an optimizer that has not stepped yet).
 
+A value that implements ``NativeCheckpoint`` (DeepSpeed's engine) bypasses DCP: it writes
+and reads its own files in ``step-N/<key>/``, inside the same atomic publish and pruning.
+
 Plain tensors that are not DTensors are treated as replicated: DCP writes rank 0's copy.
 This is right for everything here (all ranks hold identical copies), RNG state included.
 It works in one process without a process group (DCP then runs without collectives).
@@ -31,7 +34,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -50,6 +53,19 @@ _SCRATCH_SUFFIXES = (".tmp", ".old")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names it and says what to do."""
+
+
+@runtime_checkable
+class NativeCheckpoint(Protocol):
+    """A state value that saves itself in its own format, in ``step-N/<its key>/``.
+
+    For state DCP cannot describe as one tensor per name (DeepSpeed's per-rank partitions).
+    Both methods are collective: ``save`` and ``load`` call them on every rank.
+    """
+
+    def save_native(self, path: Path) -> None: ...
+
+    def load_native(self, path: Path) -> None: ...
 
 
 def step_dir(ckpt_dir: str | Path, step: int) -> Path:
@@ -71,11 +87,14 @@ def save(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep_latest: in
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         _remove_scratch(ckpt_dir)
     _barrier()  # no rank writes into a directory rank 0 is still removing
+    native, state = _split_native(state)
     try:
         with _single_process_quiet():
             dcp.save(state, storage_writer=FileSystemWriter(tmp, sync_files=True))
     except CheckpointException as e:  # a BaseException: turn it into one callers can catch
         raise CheckpointError(f"saving checkpoint {final} failed: {_first_line(e)}") from e
+    for key, value in native.items():
+        value.save_native(tmp / key)
     _barrier()  # every shard is on disk before the checkpoint is published
     if is_rank0:
         marker = {"step": step, "world_size": _world_size(), "time": time.time()}
@@ -98,9 +117,17 @@ def load(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
     path = Path(path)
     marker = _read_marker(path)
     _check_files(path)
+    native, state = _split_native(state)
+    for key in native:
+        if not (path / key).is_dir():
+            raise CheckpointError(
+                f"checkpoint {path} has no {key}/ folder: it was written by another "
+                "parallel.engine. Set checkpoint.resume=never to start afresh.")
     try:
         with _single_process_quiet():
             dcp.load(state, storage_reader=FileSystemReader(path), planner=_StrictLoadPlanner(path))
+        for key, value in native.items():
+            value.load_native(path / key)
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:
@@ -178,6 +205,11 @@ class _StrictLoadPlanner(DefaultLoadPlanner):
                 "optimizer or config? (An optimizer must have stepped once, or have had its "
                 "state initialized, before loading.) Set checkpoint.resume=never to start "
                 "afresh.")
+
+
+def _split_native(state: dict[str, Any]) -> tuple[dict[str, NativeCheckpoint], dict[str, Any]]:
+    native = {k: v for k, v in state.items() if isinstance(v, NativeCheckpoint)}
+    return native, {k: v for k, v in state.items() if k not in native}
 
 
 def _read_marker(path: Path) -> dict[str, Any]:

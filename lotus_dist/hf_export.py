@@ -74,14 +74,21 @@ def export_hf(model: Llama, out_dir: str | os.PathLike, dtype: torch.dtype = tor
     previous export.
     """
     out_dir = Path(out_dir)
-    writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    distributed = dist.is_available() and dist.is_initialized()
+    writer = not distributed or dist.get_rank() == 0
     tensors = {}
     for key, tensor in _hf_tensors(model):  # every rank iterates: the gathers are collective
         if writer:
             tensors[key] = tensor.to(device="cpu", dtype=dtype).contiguous()
-    if not writer:
-        return out_dir
+    if writer:
+        _write(model, tensors, out_dir, dtype)
+    if distributed:
+        dist.barrier()  # on every rank, the export is on disk when this returns
+    return out_dir
 
+
+def _write(model: Llama, tensors: dict[str, torch.Tensor], out_dir: Path,
+           dtype: torch.dtype) -> None:
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)  # stale, from a crashed export
     tmp_dir.mkdir(parents=True)
@@ -93,7 +100,6 @@ def export_hf(model: Llama, out_dir: str | os.PathLike, dtype: torch.dtype = tor
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    return out_dir
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -102,17 +102,30 @@ class RsvdComm:
     With A (d x k) the oriented gradient, the algorithm forms d x l sketches (A Omega,
     A Z), k x l co-sketches (A^T Q) and the l x l Gram of B = Q^T A:
 
-    * A sharded over its k columns (FSDP): ``sketch`` and ``gram`` sum over shards; the
-      co-sketch rows stay local.
+    * A sharded over its k columns (FSDP, shard on the kept dimension): ``sketch`` and
+      ``gram`` sum over shards; the co-sketch rows stay local. ``columns`` names this
+      shard's columns of A, hence its rows of the shared Omega.
+    * A sharded over its d rows (FSDP, shard on the compressed dimension): ``sketch``
+      gathers the rows of each shard, ``cosketch`` sums over shards and the Gram is
+      then local. ``rows`` names this shard's rows of A, hence its rows of Q.
     * A replicated per rank, the target being the rank mean (DDP): ``sketch`` and
       ``cosketch`` average over ranks and the Gram is then local.
 
     Every collective is a (d or k) x l sketch or the l x l Gram, never a full gradient.
+    ``shape`` is the (d, k) of the whole A where a shard is passed: the sketch width and
+    Omega are drawn for it, so every world size draws the same numbers.
     """
 
     sketch: Reduce = _identity
     cosketch: Reduce = _identity
     gram: Reduce = _identity
+    shape: tuple[int, int] | None = None
+    columns: slice | None = None
+    rows: slice | None = None
+
+    def own_rows(self, q: torch.Tensor) -> torch.Tensor:
+        """The rows of a d-row sketch that meet this shard's rows of A."""
+        return q if self.rows is None else q[self.rows]
 
 
 def rsvd_basis(
@@ -132,23 +145,39 @@ def rsvd_basis(
     Omega of k x (rank + oversample); q power iterations Y <- A (A^T orth(Y)) raise the
     spectrum to the power 2q + 1 (Lotus eq. 1); then B = Q^T A and the eigenvectors of
     the small Gram B B^T rotate Q onto the top singular directions. A caller holding a
-    column shard of A passes its rows of ``omega``; ``comm`` says where to reduce.
+    shard of A says in ``comm`` where to reduce and which part of A it holds (or passes
+    its rows of ``omega`` itself).
     """
     a = _oriented(grad, side)
-    d, k = a.shape
+    d, k = comm.shape or a.shape
     width = min(rank + oversample, d)
     if omega is None:
         omega = torch.randn(k, width, generator=generator, device=a.device, dtype=torch.float32)
+        if comm.columns is not None:
+            omega = omega[comm.columns]
     y = comm.sketch(a @ omega)
     for _ in range(power_iters):
         q = orthonormalize(y)
-        y = comm.sketch(a @ comm.cosketch(a.T @ q))
+        y = comm.sketch(a @ comm.cosketch(a.T @ comm.own_rows(q)))
     q = orthonormalize(y)
-    b = comm.cosketch((a.T @ q).T)
+    b = comm.cosketch((a.T @ comm.own_rows(q)).T)
     gram = comm.gram(b @ b.T)
     _, evecs = torch.linalg.eigh(gram)  # ascending eigenvalues
     top = evecs[:, -rank:].flip(-1)
-    return (q @ top).contiguous()
+    return (q @ _fix_signs(top)).contiguous()
+
+
+def _fix_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each column so that its largest-magnitude entry is positive.
+
+    An eigensolver's signs are arbitrary and can flip under rounding-level changes of its
+    input (its iteration count changes). Kept Adam moments live in the basis
+    coordinates, so a flipped column would flip the sign of that coordinate's gradient
+    against its momentum; a fixed rule keeps runs that differ only by summation order
+    (1 vs N ranks) on the same basis.
+    """
+    pivot = vectors.gather(0, vectors.abs().argmax(dim=0, keepdim=True))
+    return vectors * torch.where(pivot < 0, -1.0, 1.0)
 
 
 def random_basis(d: int, rank: int, generator: torch.Generator,

@@ -22,12 +22,15 @@ from typing import Any
 
 import torch
 
+from lotus_dist.comm import partial_dot
+
 State = dict[str, Any]
 Group = dict[str, Any]
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum()
+    """This rank's partial sum of <a, b> (shards of a DTensor add up, replicas do not)."""
+    return partial_dot(a, b)
 
 
 def _sq(a: torch.Tensor) -> torch.Tensor:

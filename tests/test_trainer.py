@@ -167,7 +167,10 @@ def test_per_layer_with_clipping_is_refused(small_corpus, tmp_path):
                                  "training.grad_clip=1.0"), "optim.per_layer=true")
 
 
-def test_unavailable_engine_is_refused_before_training(small_corpus, tmp_path):
-    fails_with(overrides(*small_corpus, tmp_path, "parallel.engine=fsdp"),
-               "parallel.engine='fsdp'")
+def test_deepspeed_missing_is_refused_before_training_with_the_install_command(
+        small_corpus, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` now fails
+    fails_with(overrides(*small_corpus, tmp_path, "parallel.engine=deepspeed",
+                         "parallel.deepspeed_config=configs/deepspeed/zero0.json"),
+               "pip install -c constraints.txt -e '.[deepspeed]'")
     assert not (tmp_path / "ckpt").exists()

@@ -20,9 +20,17 @@ def build_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo) -> En
     if cfg.optim.per_layer and (cfg.training.grad_clip > 0 or dist_info.world_size > 1):
         raise ConfigError("optim.per_layer=true steps each weight inside backward: it needs "
                           "training.grad_clip=0 and a single process")
-    if engine != "ddp":
+    if engine == "deepspeed":
+        from launcher.engines.deepspeed import build_deepspeed_engine
+
+        return build_deepspeed_engine(cfg, model_cfg, dist_info)
+    if engine not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel.engine={engine!r} is not available in this build; "
-                          "use parallel.engine=ddp")
+                          "use parallel.engine=ddp or fsdp")
+    if engine == "fsdp" and dist_info.world_size > 1:  # one process: the plain engine below
+        from launcher.engines.fsdp import build_fsdp_engine
+
+        return build_fsdp_engine(cfg, model_cfg, dist_info)
     raw_model = build_model(model_cfg, device=dist_info.device, seed=cfg.training.seed)
     optimizer = build_optimizer(cfg.optim, raw_model, seed=cfg.training.seed)
     if cfg.optim.per_layer:

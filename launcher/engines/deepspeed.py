@@ -1,0 +1,340 @@
+"""DeepSpeed: ZeRO stages 0-3 from a JSON config; AdamW everywhere, Lotus where it is exact.
+
+Wiring, top to bottom (``build_deepspeed_engine``):
+
+1. Read ``parallel.deepspeed_config`` and fill the keys lotus-train owns from ``training.*``
+   (``deepspeed_config``): a JSON that sets one of them to another value is an error, not
+   a silent override, and so is an ``optimizer``, ``scheduler`` or ``fp16`` block.
+2. Refuse, before anything is built, every combination that cannot give the algorithm
+   the config asks for (``check_supported``); the message names the engine to use.
+3. Build the whole model on every rank (ZeRO-3 partitions it inside ``initialize``).
+4. Build the optimizer: torch AdamW, or ``ZeroLotusAdamW`` from the single-process param
+   groups (so every matrix keeps its index and refresh seed), regrouped at ZeRO-1/2 so
+   that each rank's partition of a projected group is one whole matrix.
+5. ``deepspeed.initialize``; then ``bind`` maps what DeepSpeed handed the optimizer back
+   to matrices and fails if a partition is not one whole matrix.
+
+DeepSpeed owns gradient reduction, clipping (``gradient_clipping`` = ``training.grad_clip``)
+and the update; the trainer's learning-rate schedule writes into the client optimizer's
+param groups, which DeepSpeed reads. Checkpoints are DeepSpeed's own files inside our
+atomic ``step-N`` directory (``DeepSpeedCheckpoint``): its fp32 master partitions and
+per-rank optimizer state do not fit DCP's one-tensor-per-name model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from launcher.checkpoint import CheckpointError
+from launcher.config import PROJECTED_OPTIMIZERS, Config, ConfigError, validate_world_size
+from launcher.distributed import DistInfo
+from launcher.engines.base import Engine
+from launcher.optimizer import build_optimizer
+from lotus_dist.deepspeed import PartitionLayoutError, ZeroLotusAdamW
+from lotus_dist.model import LlamaConfig, build_model
+
+SUPPORTED_STAGES = {"adamw": (0, 1, 2, 3), "galore": (0, 1, 2), "lotus": (0, 1, 2)}
+"""ZeRO stages per ``optim.name``; ZeRO-3 leaves every rank a slice of every matrix."""
+
+_FORBIDDEN_BLOCKS = {
+    "optimizer": "the optimizer comes from optim.*",
+    "scheduler": "the learning-rate schedule comes from training.warmup_steps and "
+                 "training.min_lr_ratio",
+    "fp16": "training.dtype offers fp32 and bf16; use training.dtype=bf16",
+}
+
+
+def deepspeed_config(cfg: Config, accum_steps: int, device: torch.device) -> dict[str, Any]:
+    """The JSON at ``parallel.deepspeed_config`` with lotus-train's keys filled in.
+
+    Filled: ``train_batch_size`` = training.batch_size, ``train_micro_batch_size_per_gpu``
+    = training.micro_batch_size, ``gradient_accumulation_steps`` = micro-batches per rank
+    per step, ``gradient_clipping`` = training.grad_clip and ``bf16.enabled`` from
+    training.dtype (auto: bf16 on CUDA, fp32 on CPU). The JSON may leave them out or
+    repeat the same values; a different value is a ConfigError naming both keys.
+    """
+    path = cfg.parallel.deepspeed_config
+    if path is None:
+        raise ConfigError("parallel.engine=deepspeed needs parallel.deepspeed_config, e.g. "
+                          "configs/deepspeed/zero1.json")
+    try:
+        ds = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"parallel.deepspeed_config={path}: cannot read it: {e.strerror}") \
+            from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"parallel.deepspeed_config={path}: malformed JSON: {e}") from e
+    ds = {k: v for k, v in ds.items() if not k.startswith("_")}  # "_comment" keys
+    for block, why in _FORBIDDEN_BLOCKS.items():
+        if block in ds and (block != "fp16" or ds[block].get("enabled", False)):
+            raise ConfigError(f"{path}: remove the {block!r} block: {why}")
+    t = cfg.training
+    bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device.type == "cuda")
+    filled = {
+        ("train_batch_size",): (t.batch_size, "training.batch_size"),
+        ("train_micro_batch_size_per_gpu",): (t.micro_batch_size, "training.micro_batch_size"),
+        ("gradient_accumulation_steps",): (accum_steps, "training.batch_size / "
+                                           "(training.micro_batch_size x world size)"),
+        ("gradient_clipping",): (t.grad_clip, "training.grad_clip"),
+        ("bf16", "enabled"): (bf16, "training.dtype"),
+    }
+    for keys, (value, source) in filled.items():
+        section = ds
+        for key in keys[:-1]:
+            section = section.setdefault(key, {})
+        given = section.get(keys[-1], value)
+        if given != value:
+            raise ConfigError(f"{path}: {'.'.join(keys)}={given!r} disagrees with {source} "
+                              f"({value!r}); lotus-train fills it, so remove it from the JSON")
+        section[keys[-1]] = value
+    return ds
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_supported(cfg: Config, ds: dict[str, Any]) -> None:
+    """Raise ConfigError for any combination DeepSpeed cannot run as configured."""
+    o, p, stage = cfg.optim, cfg.parallel, zero_stage(ds)
+    path = p.deepspeed_config
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
+    if stage not in SUPPORTED_STAGES[o.name]:
+        raise ConfigError(
+            f"optim.name={o.name} does not run under DeepSpeed ZeRO-{stage} ({path}): ZeRO-3 "
+            "leaves each rank a flat slice of every matrix, so no rank can project a whole "
+            "gradient. Use parallel.engine=fsdp (ZeRO-3 semantics with per-shard projection), "
+            "or ZeRO-1/2 (configs/deepspeed/zero2.json)")
+    if o.per_layer:
+        raise ConfigError("optim.per_layer=true steps inside backward, but DeepSpeed owns the "
+                          "step; use parallel.engine=ddp in a single process")
+    if cfg.training.clip_on == "consumed":
+        raise ConfigError("training.clip_on=consumed is a ddp/fsdp option: DeepSpeed clips the "
+                          "full gradient inside its step; set training.clip_on=auto")
+    if p.mixed_precision != "none":
+        raise ConfigError("parallel.mixed_precision is an fsdp option; under deepspeed set "
+                          "training.dtype=bf16 (it fills bf16.enabled)")
+    if p.activation_checkpointing:
+        raise ConfigError("parallel.activation_checkpointing is not applied by the deepspeed "
+                          "engine; use parallel.engine=fsdp, or set it to false")
+    if p.check_consistency:
+        raise ConfigError("parallel.check_consistency compares bases across ranks, but under "
+                          "deepspeed each basis lives on one rank at ZeRO-1/2; use "
+                          "parallel.engine=ddp or fsdp to debug consistency")
+    if o.name in PROJECTED_OPTIMIZERS:
+        zero = ds.get("zero_optimization", {})
+        for key in ("offload_optimizer", "offload_param"):
+            if zero.get(key) and zero[key].get("device", "none") != "none":
+                raise ConfigError(f"{path}: zero_optimization.{key} is not supported with "
+                                  f"optim.name={o.name}; remove it or use parallel.engine=fsdp")
+        if zero.get("elastic_checkpoint"):
+            raise ConfigError(f"{path}: zero_optimization.elastic_checkpoint re-partitions "
+                              f"optimizer state by position, which breaks optim.name={o.name}'s "
+                              "per-matrix state; remove it")
+
+
+def build_deepspeed_engine(cfg: Config, model_cfg: LlamaConfig,
+                           dist_info: DistInfo) -> DeepSpeedEngine:
+    """Steps 1-5 of the module docstring; every refusal happens before the first step."""
+    accum_steps = validate_world_size(cfg, dist_info.world_size)
+    ds_cfg = deepspeed_config(cfg, accum_steps, dist_info.device)
+    check_supported(cfg, ds_cfg)
+    stage = zero_stage(ds_cfg)
+    try:
+        import deepspeed  # optional dependency: only this engine needs it
+    except ImportError as e:
+        raise ConfigError("parallel.engine=deepspeed needs DeepSpeed: "
+                          "pip install -c constraints.txt -e '.[deepspeed]'") from e
+
+    model = build_model(model_cfg, device=dist_info.device, seed=cfg.training.seed)
+    optimizer = build_optimizer(cfg.optim, model, seed=cfg.training.seed)
+    if isinstance(optimizer, torch.optim.AdamW):
+        client: torch.optim.Optimizer = optimizer
+    else:
+        client = ZeroLotusAdamW.from_lotus(optimizer)
+        if stage in (1, 2):
+            _or_config_error(client.regroup_for_zero, dist_info.world_size)
+    _quiet_deepspeed(dist_info.device)
+    _join_process_group(dist_info.device)
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=ds_cfg)
+    if isinstance(client, ZeroLotusAdamW):
+        _or_config_error(client.bind, ds_engine.optimizer)
+    return DeepSpeedEngine(ds_engine, client, dist_info, stage)
+
+
+class DeepSpeedEngine(Engine):
+    """The trainer's calls mapped onto a ``deepspeed.DeepSpeedEngine``.
+
+    ``micro_batch`` tells DeepSpeed where the accumulation boundary is, so gradients are
+    reduced once per optimizer step; ``backward`` leaves the loss unscaled (the trainer
+    already divides by the accumulation steps).
+    """
+
+    name = "deepspeed"
+
+    def __init__(self, ds_engine: Any, optimizer: torch.optim.Optimizer, dist_info: DistInfo,
+                 stage: int) -> None:
+        super().__init__(ds_engine, ds_engine.module, optimizer, dist_info)
+        self.ds, self.stage = ds_engine, stage
+        self.name = f"deepspeed_zero{stage}"
+        self._stepped = True
+
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        self.ds.set_gradient_accumulation_boundary(last)
+        self._stepped = False
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Global norm of the averaged gradient, before clipping: DeepSpeed clips inside
+        ``step`` with ``gradient_clipping``, which ``deepspeed_config`` set to ``max_norm``."""
+        opt = self.ds.optimizer
+        if self.stage in (1, 2):
+            norm = opt.scaled_global_norm() / opt.loss_scale
+        elif self.stage == 3:
+            from deepspeed.runtime.utils import combine_grad_norm_groups
+
+            norm = combine_grad_norm_groups(opt._get_norm_groups()) / opt.loss_scale
+        else:  # stage 0: the gradients are whole and already all-reduced on every rank
+            norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+                     for p in self.raw_model.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(norms))  # fp32 even for bf16 grads
+        norm = float(norm)
+        return norm if norm >= 0 else math.inf  # DeepSpeed reports inf/nan as -1
+
+    def optimizer_step(self) -> None:
+        self.ds.step()
+        self._stepped = True
+        if isinstance(self.optimizer, ZeroLotusAdamW):
+            self.optimizer.sync_telemetry()
+
+    def zero_grad(self) -> None:
+        """DeepSpeed clears gradients in ``step``. A step the trainer skipped (non-finite
+        loss or norm) still goes through ``step``, where DeepSpeed's overflow check discards
+        it; at stage 0 in fp32, which has no such check, the gradients are simply dropped."""
+        if self._stepped:
+            return
+        if self.stage == 0 and not self.ds.bfloat16_enabled():
+            self.ds.zero_grad()
+        else:
+            self.ds.step()
+        self._stepped = True
+
+    def checkpoint_items(self) -> dict[str, Any]:
+        return {"deepspeed": DeepSpeedCheckpoint(self.ds, self.stage)}
+
+    def comm_bytes_per_step(self) -> dict[str, int]:
+        """Payload per rank per optimizer step: gradients are reduced in full at every
+        stage; ZeRO-1/2 all-gather updated parameters once, ZeRO-3 gathers them for the
+        forward and again for the backward."""
+        params = list(self.raw_model.parameters())
+        numel = sum(_numel(p) for p in params)
+        width = 2 if self.ds.bfloat16_enabled() else 4
+        out = {"full_gradients": numel * width}
+        if self.stage in (1, 2):
+            out["parameter_allgathers"] = numel * width
+        elif self.stage == 3:
+            out["parameter_allgathers"] = 2 * numel * width
+        if isinstance(self.optimizer, ZeroLotusAdamW) and self.optimizer.telemetry_bytes():
+            out["telemetry"] = self.optimizer.telemetry_bytes()
+        return out
+
+
+class DeepSpeedCheckpoint:
+    """DeepSpeed's own checkpoint files as one entry of our checkpoint (``NativeCheckpoint``).
+
+    ``launcher.checkpoint`` calls ``save_native``/``load_native`` on every rank with the
+    ``deepspeed/`` folder of the step directory, so the files share its atomic publish and
+    pruning. They hold the model, the fp32 master partitions and each rank's optimizer
+    state, so a resume needs the same world size and ZeRO stage; ``layout.json`` records
+    both and a mismatch is a CheckpointError before DeepSpeed reads anything.
+    """
+
+    TAG = "state"
+
+    def __init__(self, ds_engine: Any, stage: int) -> None:
+        self.ds, self.stage = ds_engine, stage
+
+    def _layout(self) -> dict[str, Any]:
+        return {"zero_stage": self.stage, "world_size": _world_size(),
+                "bf16": bool(self.ds.bfloat16_enabled())}
+
+    def save_native(self, path: Path) -> None:
+        self.ds.save_checkpoint(str(path), tag=self.TAG, save_latest=False)
+        if _rank() == 0:
+            (path / "layout.json").write_text(json.dumps(self._layout()) + "\n")
+
+    def load_native(self, path: Path) -> None:
+        try:
+            saved = json.loads((path / "layout.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path.parent} has no readable DeepSpeed "
+                                  f"layout.json ({e}); it was not written by this engine") from e
+        if saved != self._layout():
+            raise CheckpointError(
+                f"checkpoint {path.parent} was written by DeepSpeed with {saved}, this run is "
+                f"{self._layout()}: DeepSpeed's per-rank files resume only on the same world "
+                "size, ZeRO stage and dtype. Relaunch with those, or set checkpoint.resume=never")
+        loaded, _ = self.ds.load_checkpoint(str(path), tag=self.TAG, load_optimizer_states=True,
+                                            load_lr_scheduler_states=False)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint under {path}")
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _or_config_error(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except PartitionLayoutError as e:
+        raise ConfigError(f"parallel.engine=deepspeed: {e}") from e
+
+
+def _join_process_group(device: torch.device) -> None:
+    """DeepSpeed needs a process group and LOCAL_RANK even for one process; under torchrun
+    or the deepspeed launcher both are there already."""
+    if not dist.is_initialized():
+        for key in ("LOCAL_RANK", "RANK"):
+            os.environ.setdefault(key, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _quiet_deepspeed(device: torch.device) -> None:
+    """Warnings only from DeepSpeed's logger (our trainer prints progress), and on CPU skip
+    the shared-memory all-reduce kernel: only DeepSpeed's inference all-reduce uses it, and
+    building it costs a C++ compile (about a minute on two cores) on every fresh machine."""
+    import deepspeed.ops
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    if device.type == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 empties partitioned parameters
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1

@@ -1,0 +1,148 @@
+"""FSDP2: weights, gradients and optimizer state sharded over the ranks (ZeRO-3 semantics).
+
+``build_fsdp_engine`` reads top to bottom: build on meta, choose placements, apply
+activation checkpointing, ``fully_shard`` the blocks then the root, allocate and
+initialise, build the optimizer on the sharded parameters and give Lotus its FSDP comm
+(``lotus_dist.fsdp``: local projection of each shard, sharded rSVD refreshes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from launcher.config import PROJECTED_OPTIMIZERS, Config, ConfigError
+from launcher.distributed import DistInfo
+from launcher.engines.base import Engine
+from launcher.optimizer import build_optimizer
+from lotus_dist import LotusAdamW
+from lotus_dist.comm import partial_dot
+from lotus_dist.fsdp import FSDPComm, lotus_shard_placement, projected_sides
+from lotus_dist.model import Llama, LlamaConfig, build_model_on_meta
+
+BYTES_KINDS = ("param_allgathers", "full_gradients", "lowrank_gradients", "sketches", "stats")
+
+
+def build_fsdp_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo) -> FSDPEngine:
+    """The model sharded on a 1-D mesh over all ranks, with its optimizer."""
+    o = cfg.optim
+    if cfg.training.clip_on == "consumed" and o.name not in PROJECTED_OPTIMIZERS:
+        raise ConfigError("training.clip_on=consumed needs optim.name=galore or lotus")
+    mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
+    model = build_model_on_meta(model_cfg)
+    sides = (projected_sides(model, o.rank, o.target_modules, o.proj_type)
+             if o.name in PROJECTED_OPTIMIZERS else {})
+    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                 if cfg.parallel.mixed_precision == "bf16" else MixedPrecisionPolicy())
+    parallelize_llama(model, mesh, lotus_shard_placement(sides, dist_info.world_size),
+                      mp_policy, cfg.parallel.activation_checkpointing)
+    # Allocate only the local shards, then fill them from full-size draws seeded by
+    # (seed, name): the weights equal a single process's at any world size.
+    model.to_empty(device=dist_info.device)
+    model.init_weights(cfg.training.seed)
+    optimizer = build_optimizer(o, model, seed=cfg.training.seed)
+    if isinstance(optimizer, LotusAdamW):
+        optimizer.comm = FSDPComm(optimizer, mesh,
+                                  check_consistency=cfg.parallel.check_consistency)
+    accum_steps = cfg.training.batch_size // (dist_info.world_size * cfg.training.micro_batch_size)
+    engine = FSDPEngine(model, optimizer, dist_info, mesh, accum_steps,
+                        param_bytes=2 if cfg.parallel.mixed_precision == "bf16" else 4)
+    engine.clip_consumed = cfg.training.clip_on == "consumed"
+    return engine
+
+
+def parallelize_llama(model: Llama, mesh: DeviceMesh,
+                      shard_placement_fn: Callable[[nn.Parameter], object],
+                      mp_policy: MixedPrecisionPolicy, activation_checkpointing: bool) -> None:
+    """Apply activation checkpointing and FSDP2 to ``model`` in place, in this order:
+
+    1. Activation checkpointing per block, before sharding, so that the recomputation
+       in backward runs after FSDP's pre-backward all-gather of that block. The
+       composable API adds hooks instead of a wrapper: parameter names (init seeds,
+       checkpoints, optimizer groups) stay those of a bare ``Llama``.
+    2. ``fully_shard`` per transformer block: one all-gather and one reduce-scatter unit
+       each, so only a block or two are unsharded at a time.
+    3. The embeddings, then the final norm with the head as one unit; that unit stays
+       unsharded after forward because backward starts with it.
+    4. The root last: it owns what is left (no parameters) and schedules the rest.
+
+    ``shard_placement_fn`` puts each projected matrix on the dimension its projection
+    keeps (``lotus_dist.fsdp``); everything else is sharded on dim 0.
+    """
+    if activation_checkpointing:
+        for block in model.layers:
+            checkpoint(block)
+    kwargs = {"mesh": mesh, "mp_policy": mp_policy, "shard_placement_fn": shard_placement_fn}
+    for block in model.layers:
+        fully_shard(block, **kwargs)
+    fully_shard(model.embed_tokens, **kwargs)
+    fully_shard([model.norm, model.lm_head], reshard_after_forward=False, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+class FSDPEngine(Engine):
+    """One step: forward/backward per micro-batch with the gradient reduce-scatter only
+    on the last (earlier ones accumulate unsharded gradients locally), clipping on the
+    global norm of the sharded gradients, then the optimizer on local shards.
+
+    Checkpoints are DCP's sharded state dicts (``Engine.checkpoint_items``): parameters
+    and the DTensor optimizer state reshard on load, so a run resumes on any world size.
+    """
+
+    name = "fsdp"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dist_info: DistInfo,
+                 mesh: DeviceMesh, accum_steps: int, param_bytes: int) -> None:
+        super().__init__(model, model, optimizer, dist_info)
+        self.mesh, self.group = mesh, mesh.get_group()
+        self.comm = optimizer.comm if isinstance(optimizer, LotusAdamW) else None
+        self.accum_steps, self.param_bytes = accum_steps, param_bytes
+        self.steps = 0  # since this process started: the comm's counts are per session
+
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        if self.steps == 0 and self.comm is not None:
+            self.comm.bytes.clear()  # drop a checkpoint load's state-initialising step
+        self.model.set_requires_gradient_sync(last)
+        yield
+        self.steps += last
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """The norm of the whole gradient from per-shard partial sums (one all-reduce),
+        scaling the local shards as ``torch.nn.utils.clip_grad_norm_`` would."""
+        if self.clip_consumed:
+            return super().clip_grad_norm(max_norm)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        sq = torch.stack([partial_dot(g, g) for g in grads]).sum().reshape(1)
+        dist.all_reduce(sq, group=self.group)
+        norm = float(sq.sqrt())
+        coef = max_norm / (norm + 1e-6)
+        if max_norm > 0 and coef < 1.0:
+            torch._foreach_mul_([g.to_local() for g in grads], coef)
+        return norm
+
+    def comm_bytes_per_step(self) -> dict[str, int]:
+        """Per optimizer step, in bytes of the tensors each collective produces or reduces
+        (as DDP counts its all-reduce): parameter all-gathers in forward and again in
+        backward for every unit resharded after forward, per micro-batch; the gradient
+        reduce-scatter once per step (fp32); and what the Lotus comm measured (low-rank
+        all-reduces of the dim-0 fallback matrices, rSVD sketches and svd gathers
+        amortised over the steps run, switch statistics)."""
+        numel = sum(p.numel() for p in self.model.parameters())
+        head = sum(p.numel() for m in (self.raw_model.norm, self.raw_model.lm_head)
+                   for p in m.parameters())
+        out = dict.fromkeys(BYTES_KINDS, 0)
+        out["param_allgathers"] = self.accum_steps * (2 * numel - head) * self.param_bytes
+        out["full_gradients"] = numel * 4
+        if self.comm is not None:
+            for kind, total in self.comm.bytes.items():
+                out[kind] += total // max(self.steps, 1)
+        return out
+

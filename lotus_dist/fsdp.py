@@ -1,0 +1,223 @@
+"""Lotus under FSDP2: every rank updates its shard of each matrix, with only low-rank traffic.
+
+A projected weight G (m x n) keeps one dimension and compresses the other (``std``:
+right projection R = G Q keeps the m rows, left projection R = P^T G keeps the n
+columns). FSDP2 shards it along the dimension it keeps where it can, and then:
+
+* the projection of a local shard is the matching shard of R (rows of G Q, columns of
+  P^T G): no communication, and R, Adam's moments and the update are sharded like G;
+* the refresh is a randomized SVD of a column-sharded A (A = G or G^T, see
+  ``RsvdComm``): (d x l) sketch all-reduces plus one (l x l) Gram all-reduce.
+
+FSDP2 (torch 2.13) shards unevenly only on dim 0, so a left-projected matrix whose n the
+world size does not divide is sharded on dim 0, the dimension it compresses. Each rank
+then holds G_k (rows of G) and the matching rows P_k of the replicated basis, and
+R = sum_k P_k^T G_k is all-reduced (r x n, still low-rank); R and the moments are
+replicated, and the update P_k N is again this rank's rows. Its refresh is an rSVD of a
+row-sharded A: sketches are all-gathered by rows and co-sketches summed.
+
+Optimizer state that lives in R's space (moments, the displacement's R_0) is a DTensor
+laid out like R (``Shard`` or ``Replicate`` on the FSDP mesh), so DCP saves it sharded
+and reshards it on load at any world size. Bases are plain tensors, identical on every
+rank: each rank needs the whole basis of the dimension it does not shard.
+
+Every rank takes the same switch decisions: the policies' statistics are partial sums
+over local shards (``partial_dot`` counts a replicated R once, not once per rank), and
+the optimizer sums all matrices' statistics in one all-reduce per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from lotus_dist.comm import LocalComm, assert_bases_agree, local_view
+from lotus_dist.optim import LotusAdamW
+from lotus_dist.param_groups import lotus_param_groups
+from lotus_dist.projection import RsvdComm, project, project_back, projection_side
+
+
+def kept_dim(side: str) -> int:
+    """The weight dimension a projection keeps: rows for right (G Q), columns for left."""
+    return 0 if side == "right" else 1
+
+
+def lotus_shard_dim(shape: tuple[int, int] | torch.Size, side: str, world_size: int) -> int:
+    """The dimension FSDP shards a projected weight on: the one it keeps, except that
+    FSDP2 refuses uneven sharding on dim 1, where dim 0 (the compressed one) is used."""
+    dim = kept_dim(side)
+    return dim if dim == 0 or shape[dim] % world_size == 0 else 0
+
+
+def projected_sides(model: nn.Module, rank: int, target_modules: list[str] | tuple[str, ...],
+                    proj_type: str) -> dict[torch.Tensor, str]:
+    """Projection side of every weight ``lotus_param_groups`` projects, keyed by parameter.
+
+    Works on a meta-device model, so placements are chosen before anything is allocated.
+    """
+    groups = lotus_param_groups(model, rank, target_modules)
+    return {p: projection_side(p.shape, proj_type) for _, p in groups[-1]["params"]}
+
+
+def lotus_shard_placement(sides: dict[torch.Tensor, str], world_size: int):
+    """A ``fully_shard(shard_placement_fn=...)`` that shards each projected weight along
+    the dimension it keeps (``lotus_shard_dim``) and everything else on dim 0."""
+
+    def placement(param: nn.Parameter) -> Shard | None:
+        side = sides.get(param)
+        return None if side is None else Shard(lotus_shard_dim(param.shape, side, world_size))
+
+    return placement
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How one projected weight is split: this rank holds [start, stop) along ``dim``."""
+
+    side: str
+    dim: int
+    start: int
+    stop: int
+
+    @property
+    def kept(self) -> bool:
+        """Sharded along the kept dimension: local projection, R sharded like G."""
+        return self.dim == kept_dim(self.side)
+
+    @property
+    def own(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+def shard_layout(p: DTensor, side: str) -> ShardLayout:
+    """This rank's range of ``p`` along its shard dimension.
+
+    FSDP2 and DTensor split a dimension of size s like ``torch.chunk``: blocks of
+    ceil(s / W) rows, the last ranks short or empty, so the offset follows from the rank.
+    """
+    (placement,) = p.placements
+    if not isinstance(placement, Shard):
+        raise ValueError(f"expected a Shard placement on a 1-D mesh, got {p.placements}")
+    dim, size = placement.dim, p.shape[placement.dim]
+    world, rank = p.device_mesh.size(), p.device_mesh.get_local_rank()
+    start = min(rank * math.ceil(size / world), size)
+    stop = start + p.to_local().shape[dim]
+    if stop > size:
+        raise AssertionError(f"local shard [{start}, {stop}) exceeds dim {dim} of {p.shape}")
+    return ShardLayout(side, dim, start, stop)
+
+
+class FSDPComm(LocalComm):
+    """The collectives of Lotus on FSDP2-sharded weights, installed as ``optimizer.comm``.
+
+    Args:
+        optimizer: the LotusAdamW over the ``fully_shard``-ed model (it says each
+            matrix's projection side).
+        mesh: the 1-D data-parallel mesh FSDP shards over.
+        check_consistency: after every step, all-gather checksums of all bases and stop
+            with ``InconsistentBasisError`` naming a matrix the ranks disagree on.
+
+    ``bytes`` counts what this class puts into collectives, by kind, for the engine's
+    per-step accounting (FSDP's own all-gathers and reduce-scatters are not in it).
+    """
+
+    exposes_full_grad = True
+
+    def __init__(self, optimizer: LotusAdamW, mesh: DeviceMesh, *,
+                 check_consistency: bool = False) -> None:
+        if mesh.ndim != 1:
+            raise ValueError(f"FSDPComm needs a 1-D data-parallel mesh, got {mesh.ndim}-D")
+        self.mesh, self.group = mesh, mesh.get_group()
+        self.world = mesh.size()
+        self.check_consistency = check_consistency
+        self.bytes: Counter[str] = Counter()
+        self._sides = {p: projection_side(p.shape, g["proj_type"])
+                       for g in optimizer.param_groups if "rank" in g for p in g["params"]}
+        self._layouts: dict[torch.Tensor, ShardLayout] = {}
+
+    def layout(self, p: torch.Tensor) -> ShardLayout:
+        if p not in self._layouts:
+            self._layouts[p] = shard_layout(p, self._sides[p])
+        return self._layouts[p]
+
+    # ----------------------------------------------------------------- collectives
+
+    def _sum(self, t: torch.Tensor, kind: str) -> torch.Tensor:
+        t = t.contiguous()
+        self.bytes[kind] += t.numel() * t.element_size()
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def _gather_rows(self, t: torch.Tensor, rows: int, kind: str) -> torch.Tensor:
+        """Stack every rank's rows (torch.chunk layout) into the whole ``rows`` x l sketch.
+
+        Shards are padded to one chunk so that all ranks send equal sizes; with the
+        chunk layout, row i of the padded stack is row i of the whole for i < rows.
+        """
+        chunk = math.ceil(rows / self.world)
+        padded = t.new_zeros(chunk, t.shape[1])
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        self.bytes[kind] += rows * t.shape[1] * t.element_size()
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat(parts)[:rows]
+
+    def agree(self, flag: bool) -> bool:
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.mesh.device_type)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(t.item())
+
+    def norm_sq_reduce(self, sq: torch.Tensor) -> torch.Tensor:
+        return self._sum(sq.float().reshape(1), "stats").reshape(())
+
+    def stats_reduce(self, flat: torch.Tensor) -> torch.Tensor:
+        """One all-reduce per step of every matrix's partial sums: all ranks then hold
+        the same numbers and take the same switch decisions."""
+        return self._sum(flat, "stats")
+
+    # ----------------------------------------------------------------- the Lotus hooks
+
+    def rsvd_comm(self, p: torch.Tensor) -> RsvdComm:
+        lay = self.layout(p)
+        m, n = p.shape
+        shape = (m, n) if lay.side == "left" else (n, m)  # (d, k) of A = G or G^T
+        if lay.kept:  # this rank holds columns of A
+            return RsvdComm(sketch=lambda t: self._sum(t, "sketches"),
+                            gram=lambda t: self._sum(t, "sketches"),
+                            shape=shape, columns=lay.own)
+        return RsvdComm(sketch=lambda t: self._gather_rows(t, shape[0], "sketches"),
+                        cosketch=lambda t: self._sum(t, "sketches"),
+                        shape=shape, rows=lay.own)
+
+    def full_grad(self, p: torch.Tensor) -> torch.Tensor:
+        """``projection="svd"`` decomposes the whole gradient: this all-gathers it (m x n
+        per refresh, counted as full_gradients); rsvd never does."""
+        self.bytes["full_gradients"] += p.numel() * 4
+        return p.grad.full_tensor()
+
+    def lowrank_grad(self, p: torch.Tensor, basis: torch.Tensor, side: str) -> DTensor:
+        lay = self.layout(p)
+        grad = p.grad.to_local()
+        if lay.kept:
+            r = project(grad, basis, side)
+            rank = basis.shape[1]
+            shape = (rank, p.shape[1]) if side == "left" else (p.shape[0], rank)
+            return DTensor.from_local(r, self.mesh, [Shard(lay.dim)], run_check=False,
+                                      shape=torch.Size(shape), stride=(shape[1], 1))
+        r = self._sum(project(grad, basis[lay.own], side), "lowrank_gradients")
+        return DTensor.from_local(r, self.mesh, [Replicate()], run_check=False)
+
+    def project_back(self, p: torch.Tensor, low_rank: torch.Tensor, basis: torch.Tensor,
+                     side: str) -> torch.Tensor:
+        lay = self.layout(p)
+        return project_back(local_view(low_rank), basis if lay.kept else basis[lay.own], side)
+
+    def check_bases(self, bases: list[tuple[str, torch.Tensor, int]]) -> None:
+        assert_bases_agree(bases, self.group)

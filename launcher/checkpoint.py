@@ -44,6 +44,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.stateful import Stateful
 
+from launcher.train_state import ModelState
+
 MARKER = "COMPLETE.json"
 """Written last, by rank 0: a step directory without it is not a checkpoint."""
 
@@ -133,6 +135,37 @@ def load(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
     except (Exception, CheckpointException) as e:
         raise _own_error(e) or _corrupt(path, f"reading it failed: {_first_line(e)}") from e
     return marker
+
+
+def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Load only the ``model`` entry of the checkpoint at ``path`` into ``model`` (one
+    process, e.g. for export), ignoring optimizer, data and RNG state.
+
+    Every weight of ``model`` must be in the checkpoint with its shape: a partial load
+    that silently left initial weights in place would export an untrained model.
+    """
+    path = Path(path)
+    _read_marker(path)
+    _check_files(path)
+    stored = FileSystemReader(path).read_metadata().state_dict_metadata
+    target = ModelState(model)
+    wanted = {f"model.{k}": tuple(v.shape) for k, v in target.state_dict().items()}
+    if not any(k.startswith("model.") for k in stored):
+        raise CheckpointError(f"checkpoint {path} holds no DCP model weights (a "
+                              "parallel.engine=deepspeed checkpoint keeps them in its own "
+                              "format); export is available for ddp and fsdp checkpoints")
+    wrong = [k for k, shape in wanted.items()
+             if k not in stored or tuple(getattr(stored[k], "size", ())) != shape]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} does not hold this model's weights "
+                              f"(missing or another shape: {_some(set(wrong))}); was it "
+                              "written with another model.size or vocabulary?")
+    try:
+        with _single_process_quiet():
+            dcp.load({"model": target}, storage_reader=FileSystemReader(path),
+                     planner=DefaultLoadPlanner(allow_partial_load=True))
+    except (Exception, CheckpointException) as e:
+        raise _own_error(e) or _corrupt(path, f"reading it failed: {_first_line(e)}") from e
 
 
 def find_latest(ckpt_dir: str | Path) -> Path | None:

@@ -26,6 +26,14 @@ def _parser() -> argparse.ArgumentParser:
     sample = data_sub.add_parser("sample", help="write the embedded C4-layout sample corpus")
     sample.add_argument("--out", default="data/sample", help="output folder")
 
+    export = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face "
+                                           "LlamaForCausalLM folder")
+    export.add_argument("--run", required=True, help="run directory (run.dir of the run)")
+    export.add_argument("--out", required=True, help="folder to write (replaced if present)")
+    export.add_argument("--step", type=int, default=None,
+                        help="checkpoint step (default: the newest complete one)")
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
     tok = sub.add_parser("tokenizer", help="tokenizer utilities")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
     tok_train = tok_sub.add_parser("train", help="train a byte-level BPE tokenizer")
@@ -52,6 +60,16 @@ def main(argv: list[str] | None = None) -> None:
 
         stats = write_sample_corpus(args.out)
         print(f"wrote sample corpus to {args.out}: {stats}")
+    elif args.command == "export":
+        from launcher.checkpoint import CheckpointError
+        from launcher.config import ConfigError
+        from launcher.export import export_run
+
+        try:
+            out = export_run(args.run, args.out, args.step, args.dtype)
+        except (CheckpointError, ConfigError) as e:
+            sys.exit(f"lotus-train: error: {e}")
+        print(f"exported {args.run} to {out} (config.json, model.safetensors)")
     elif args.command == "tokenizer":
         from launcher.tokenizer_cli import train_tokenizer_command
 

@@ -170,7 +170,7 @@ class ParallelConfig:
     lowrank_comm: bool = True
     """All-reduce projected gradients in low rank (galore, lotus; ignored by adamw)."""
     check_consistency: bool = False
-    """Check every few steps that all ranks hold the same bases (debugging, costs time)."""
+    """After each step, check that all ranks hold the same bases (debugging; ddp, fsdp)."""
     mixed_precision: Literal["none", "bf16"] = "none"
     """FSDP parameter/gradient-reduce dtype (for ddp use training.dtype)."""
     activation_checkpointing: bool = False

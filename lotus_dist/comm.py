@@ -1,9 +1,10 @@
 """What LotusAdamW asks of the parallelism around it; the default is one process.
 
-A distributed engine installs a subclass as ``optimizer.comm`` (low-rank DDP in
-``lotus_dist.ddp``, FSDP in ``lotus_dist.fsdp``). The optimizer never calls
-``torch.distributed`` itself: every collective it needs goes through these methods, so
-the single-process algorithm and its distributed forms share one code path.
+A distributed engine installs a subclass as ``optimizer.comm`` (``DataParallelComm`` for
+plain DDP, low-rank DDP in ``lotus_dist.ddp``, FSDP in ``lotus_dist.fsdp``). The
+optimizer never calls ``torch.distributed`` itself: every collective it needs goes
+through these methods, so the single-process algorithm and its distributed forms share
+one code path.
 """
 
 from __future__ import annotations
@@ -57,6 +58,23 @@ class LocalComm:
     def check_bases(self, bases: list[tuple[str, torch.Tensor, int]]) -> None:
         """Raise ``InconsistentBasisError`` where ranks hold different (name, basis, refresh
         count); one process cannot disagree with itself."""
+
+
+class DataParallelComm(LocalComm):
+    """The base of the multi-rank comms: a process group over which every rank holds
+    every basis whole, so ``check_consistency`` can compare them in one all-gather.
+
+    On its own it serves plain DDP, where ranks hold identical averaged gradients and
+    compute the same bases without reducing anything.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, *,
+                 check_consistency: bool = False) -> None:
+        self.group = group
+        self.check_consistency = check_consistency
+
+    def check_bases(self, bases: list[tuple[str, torch.Tensor, int]]) -> None:
+        assert_bases_agree(bases, self.group)
 
 
 # --------------------------------------------------------------------- sharded tensors

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lotus_dist.comm import LocalComm
+from lotus_dist.comm import DataParallelComm
 from lotus_dist.optim import LotusAdamW
 from lotus_dist.projection import RsvdComm, project, projection_side
 
@@ -39,7 +39,7 @@ class _Bucket:
     numel: int = 0
 
 
-class LowRankDDPComm(LocalComm):
+class LowRankDDPComm(DataParallelComm):
     """The communication of low-rank DDP, installed as ``optimizer.comm``.
 
     Args:
@@ -47,13 +47,17 @@ class LowRankDDPComm(LocalComm):
             rank starts from the same weights.
         optimizer: the LotusAdamW whose projected groups define what is low-rank.
         bucket_mb: size at which a bucket is sent (DDP's default is 25 MB).
+        check_consistency: after every step, all-gather checksums of all bases and stop
+            with ``InconsistentBasisError`` naming a matrix the ranks disagree on.
     """
 
     exposes_full_grad = False
 
     def __init__(self, model: nn.Module, optimizer: LotusAdamW, bucket_mb: float = 25.0,
-                 group: dist.ProcessGroup | None = None) -> None:
-        self.optimizer, self.group = optimizer, group
+                 group: dist.ProcessGroup | None = None, *,
+                 check_consistency: bool = False) -> None:
+        super().__init__(group, check_consistency=check_consistency)
+        self.optimizer = optimizer
         self.world = dist.get_world_size(group)
         self.bucket_numel = int(bucket_mb * 2**20 / 4)
         self.projected = {p for g in optimizer.param_groups if "rank" in g for p in g["params"]}

@@ -38,7 +38,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from lotus_dist.comm import LocalComm, assert_bases_agree, local_view
+from lotus_dist.comm import DataParallelComm, local_view
 from lotus_dist.optim import LotusAdamW
 from lotus_dist.param_groups import lotus_param_groups
 from lotus_dist.projection import RsvdComm, project, project_back, projection_side
@@ -114,7 +114,7 @@ def shard_layout(p: DTensor, side: str) -> ShardLayout:
     return ShardLayout(side, dim, start, stop)
 
 
-class FSDPComm(LocalComm):
+class FSDPComm(DataParallelComm):
     """The collectives of Lotus on FSDP2-sharded weights, installed as ``optimizer.comm``.
 
     Args:
@@ -134,9 +134,9 @@ class FSDPComm(LocalComm):
                  check_consistency: bool = False) -> None:
         if mesh.ndim != 1:
             raise ValueError(f"FSDPComm needs a 1-D data-parallel mesh, got {mesh.ndim}-D")
-        self.mesh, self.group = mesh, mesh.get_group()
+        super().__init__(mesh.get_group(), check_consistency=check_consistency)
+        self.mesh = mesh
         self.world = mesh.size()
-        self.check_consistency = check_consistency
         self.bytes: Counter[str] = Counter()
         self._sides = {p: projection_side(p.shape, g["proj_type"])
                        for g in optimizer.param_groups if "rank" in g for p in g["params"]}
@@ -218,6 +218,3 @@ class FSDPComm(LocalComm):
                      side: str) -> torch.Tensor:
         lay = self.layout(p)
         return project_back(local_view(low_rank), basis if lay.kept else basis[lay.own], side)
-
-    def check_bases(self, bases: list[tuple[str, torch.Tensor, int]]) -> None:
-        assert_bases_agree(bases, self.group)

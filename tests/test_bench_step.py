@@ -20,7 +20,7 @@ def test_bench_step_reports_every_optimizer_with_refreshes_and_consistent_ratios
                  "training.seq_len=32", "optim.update_proj_gap=2", "optim.verify_gap=2",
                  "optim.gamma=1.0e9"]
     main(["--sizes", "tiny", "--steps", "4", "--warmup-steps", "1", "--block", "2",
-          "--device", "cpu", *(arg for o in overrides for arg in ("--set", o))])
+          "--repeats", "2", "--device", "cpu", *(arg for o in overrides for arg in ("--set", o))])
     out = capsys.readouterr().out
     report = json.loads(out.strip().splitlines()[-1])
 
@@ -28,8 +28,9 @@ def test_bench_step_reports_every_optimizer_with_refreshes_and_consistent_ratios
     rows = {row["optimizer"]: row for row in report["rows"]}
     assert set(rows) == {"adamw", "galore", "lotus"}
     for row in rows.values():
-        assert row["size"] == "tiny" and row["steps"] == 4
+        assert row["size"] == "tiny" and row["steps"] == 8  # 2 repeats of 4 steps
         assert row["median_ms"] > 0 and row["mean_ms"] > 0 and row["total_s"] > 0
+        assert 0 < row["optimizer_mean_ms"] < row["mean_ms"]
         assert row["spike"] >= 1.0
         assert row["peak_bytes"] > 0
     assert rows["adamw"]["refreshes"] == 0
@@ -39,5 +40,7 @@ def test_bench_step_reports_every_optimizer_with_refreshes_and_consistent_ratios
     ratios = report["ratios"]["tiny"]
     for a, b in (("lotus", "adamw"), ("galore", "adamw"), ("lotus", "galore")):
         assert ratios[f"{a}/{b}"] == pytest.approx(rows[a]["total_s"] / rows[b]["total_s"])
+        assert ratios[f"{a}/{b}_optimizer"] == pytest.approx(
+            rows[a]["optimizer_mean_ms"] / rows[b]["optimizer_mean_ms"])
     assert set(report["targets"]["tiny"]) == {"lotus_total_le_1.05x_adamw",
                                               "lotus_total_le_galore"}

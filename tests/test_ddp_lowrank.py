@@ -11,7 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import lotus_dist.optim
 from lotus_dist import LotusAdamW, lotus_param_groups
+from lotus_dist.comm import DataParallelComm, InconsistentBasisError
 from lotus_dist.ddp import LowRankDDPComm
 
 STEPS = 12
@@ -156,3 +158,52 @@ def test_rank_dependent_statistics_still_give_one_decision(tmp_path):
     assert ranks[0]["refreshes"] == ranks[1]["refreshes"]
     for name, w in ranks[0]["weights"].items():
         assert torch.equal(ranks[1]["weights"][name], w), name
+
+
+def _corrupt_worker(rank: int, world: int, port: int, out: str, lowrank: bool) -> None:
+    """The last rank computes a different basis for mlp.0 at its first refresh; the
+    consistency check must stop every rank, naming that matrix."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    plain_rsvd = lotus_dist.optim.rsvd_basis
+
+    def corrupted_rsvd(grad, rank_, side, **kwargs):
+        basis = plain_rsvd(grad, rank_, side, **kwargs)
+        return basis + 1e-3 if rank == world - 1 and grad.shape == (40, 12) else basis
+
+    lotus_dist.optim.rsvd_basis = corrupted_rsvd
+    model, opt = make(LOTUS)
+    if lowrank:
+        comm = LowRankDDPComm(model, opt, check_consistency=True)
+    else:  # plain DDP: every rank averages the full gradients, then decides alone
+        comm = DataParallelComm(check_consistency=True)
+        for p in model.parameters():
+            dist.broadcast(p.data, 0)
+    opt.comm = comm
+    message = None
+    try:
+        for batch in global_batches(world)[:2]:
+            opt.zero_grad()
+            loss_of(model, batch[rank * 4:(rank + 1) * 4]).backward()
+            if lowrank:
+                comm.finish()
+            else:
+                for p in model.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            opt.step()
+    except InconsistentBasisError as e:
+        message = str(e)
+    torch.save(message, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("lowrank", [True, False], ids=["lowrank_ddp", "ddp"])
+def test_consistency_check_names_the_corrupted_basis(tmp_path, lowrank):
+    out = str(tmp_path / "rank")
+    mp.spawn(_corrupt_worker, args=(2, _free_port(), out, lowrank), nprocs=2)
+    for r in range(2):
+        message = torch.load(f"{out}.{r}", weights_only=True)
+        assert message is not None and "mlp.0.weight" in message
+        assert "rank(s) [1]" in message

@@ -6,16 +6,21 @@ tokenizer, batch, micro-batch and sequence length). A timed step is the trainer'
 ``Trainer.train_step``: micro-batch forward and backward, gradient clipping,
 ``optimizer.step()`` (refreshes included), scheduler step and ``zero_grad``; on CUDA it is
 synchronised before and after. It reports the median and mean step time, the total, the
-refresh spike (slowest step / median step), the refreshes during the timed steps, peak
-memory, and the ratios of total time against adamw and galore from the same run.
+refresh spike (slowest step / median step), the refreshes during the timed steps, the
+optimizer part of the step (clipping and ``optimizer.step()``, where the optimizers
+differ; forward and backward are the same for all), peak memory, and the ratios of
+total time against adamw and galore from the same run.
 
 How the optimizers share the machine: each optimizer lives in its own spawned worker
-process for the whole size, and the workers take turns, one at a time, running blocks
-of ``--block`` steps in a rotating order (A B C, B C A, C A B, ...). A slow drift of
-the machine (other jobs, thermal state) therefore lands on every optimizer alike, and
-separate processes keep each one's memory measurement its own. Untimed warm-up steps
-(``--warmup-steps``) run first in each worker; with the default they include the
-initial refresh every low-rank optimizer does on its first step.
+process, and the workers take turns, one at a time, running blocks of ``--block``
+steps, cycling through every order of the optimizers (A B C, A C B, B A C, ...) so that
+each runs equally often first, last and after each other one. A slow drift of the
+machine (other jobs, thermal state) therefore lands on every optimizer alike, and
+separate processes keep each one's memory measurement its own. A process's own speed
+varies by a few percent with where its memory happens to land, so ``--repeats`` runs
+the whole schedule again with fresh workers and the statistics pool all repeats.
+Untimed warm-up steps (``--warmup-steps``) run first in each worker; with the default
+they include the initial refresh every low-rank optimizer does on its first step.
 
 Peak memory: on CUDA, the allocator's peak over the timed steps (reset after warm-up).
 On CPU, the worker's peak resident set (VmHWM, reset after warm-up through
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import multiprocessing as mp
 import statistics
@@ -106,6 +112,7 @@ def _serve(conn: Connection, cfg: Config, batches_path: str, device: torch.devic
     trainer = Trainer(cfg, dist_info, engine, scheduler, None, None,
                       validate_world_size(cfg, 1))
     optimizer = engine.optimizer
+    optimizer_seconds = _time_optimizer_part(engine, device)
     for _ in range(warmup_steps):
         trainer.train_step(data)
     _sync(device)
@@ -127,11 +134,13 @@ def _serve(conn: Connection, cfg: Config, batches_path: str, device: torch.devic
         rows = []
         for _ in range(count):
             before = _refresh_total(optimizer)
+            optimizer_seconds[0] = 0.0
             _sync(device)
             start = time.perf_counter()
             loss, _ = trainer.train_step(data)
             _sync(device)
-            rows.append((time.perf_counter() - start, _refresh_total(optimizer) - before))
+            rows.append((time.perf_counter() - start, _refresh_total(optimizer) - before,
+                         optimizer_seconds[0]))
         conn.send(("steps", rows))
     if device.type == "cuda":
         peak, peak_total = torch.cuda.max_memory_allocated(device), None
@@ -140,6 +149,27 @@ def _serve(conn: Connection, cfg: Config, batches_path: str, device: torch.devic
         peak = peak_total - baseline
     conn.send(("done", {"peak_bytes": peak, "peak_rss_bytes": peak_total, "final_loss": loss,
                         "skipped_steps": trainer.state.skipped_steps}))
+
+
+def _time_optimizer_part(engine: Any, device: torch.device) -> list[float]:
+    """Wrap the engine's clipping and update so that their time adds up in the returned
+    one-element list (the caller resets it per step)."""
+    total = [0.0]
+
+    def timed(fn: Any) -> Any:
+        def wrapper(*args: Any) -> Any:
+            _sync(device)
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                _sync(device)
+                total[0] += time.perf_counter() - start
+        return wrapper
+
+    engine.clip_grad_norm = timed(engine.clip_grad_norm)
+    engine.optimizer_step = timed(engine.optimizer_step)
+    return total
 
 
 def _receive(conn: Connection, expected: str) -> Any:
@@ -152,10 +182,32 @@ def _receive(conn: Connection, expected: str) -> Any:
 
 
 def run_size(cfgs: dict[str, Config], batches_path: str, device: str, steps: int,
-             warmup_steps: int, block: int, threads: int) -> dict[str, dict[str, Any]]:
-    """Time ``steps`` steps of every optimizer in ``cfgs``, interleaved in rotating blocks."""
+             warmup_steps: int, block: int, threads: int,
+             repeats: int = 1) -> dict[str, dict[str, Any]]:
+    """Time ``steps`` steps of every optimizer in ``cfgs`` per repeat, with fresh workers
+    each repeat, and summarise all repeats' steps together."""
+    times: dict[str, list[tuple[float, int, float]]] = {name: [] for name in cfgs}
+    info: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
+    for repeat in range(repeats):
+        rep_times, rep_info = _run_workers(cfgs, batches_path, device, steps, warmup_steps,
+                                           block, threads, first_order=repeat,
+                                           progress=(repeat * steps, repeats * steps, start))
+        for name in cfgs:
+            times[name] += rep_times[name]
+            if name in info:  # peak over the repeats; the rest is the same each time
+                rep_info[name]["peak_bytes"] = max(info[name]["peak_bytes"],
+                                                   rep_info[name]["peak_bytes"])
+            info[name] = rep_info[name]
+    return {name: summarize(times[name]) | info[name] for name in cfgs}
+
+
+def _run_workers(cfgs: dict[str, Config], batches_path: str, device: str, steps: int,
+                 warmup_steps: int, block: int, threads: int, first_order: int,
+                 progress: tuple[int, int, float]) -> tuple[dict[str, list], dict[str, dict]]:
+    """One worker per optimizer; blocks of steps in every order in turn."""
     ctx = mp.get_context("spawn")
-    names = list(cfgs)
+    orders = list(itertools.permutations(cfgs))
     workers: dict[str, tuple[Any, Connection]] = {}
     try:
         for name, cfg in cfgs.items():
@@ -166,22 +218,22 @@ def run_size(cfgs: dict[str, Config], batches_path: str, device: str, steps: int
             child.close()
             workers[name] = (proc, parent)
         info = {name: _receive(conn, "ready") for name, (_, conn) in workers.items()}
-        times: dict[str, list[tuple[float, int]]] = {name: [] for name in names}
-        done, turn, start = 0, 0, time.perf_counter()
+        times: dict[str, list[tuple[float, int, float]]] = {name: [] for name in cfgs}
+        done, turn = 0, first_order
+        offset, total, start = progress
         while done < steps:
             count = min(block, steps - done)
-            for name in names[turn % len(names):] + names[:turn % len(names)]:
+            for name in orders[turn % len(orders)]:
                 conn = workers[name][1]
                 conn.send(("steps", count))
                 times[name] += _receive(conn, "steps")
             done, turn = done + count, turn + 1
-            _progress(done, count, steps, time.perf_counter() - start)
-        results = {}
+            _progress(offset + done, count, total, time.perf_counter() - start)
         for name, (proc, conn) in workers.items():
             conn.send(("finish", 0))
-            results[name] = summarize(times[name]) | info[name] | _receive(conn, "done")
+            info[name] |= _receive(conn, "done")
             proc.join()
-        return results
+        return times, info
     finally:
         for proc, conn in workers.values():
             conn.close()
@@ -198,30 +250,34 @@ def _progress(done: int, count: int, steps: int, elapsed: float) -> None:
               flush=True)
 
 
-def summarize(rows: list[tuple[float, int]]) -> dict[str, Any]:
+def summarize(rows: list[tuple[float, int, float]]) -> dict[str, Any]:
     """Step-time statistics; the spike is the slowest step over the median step."""
-    seconds = [s for s, _ in rows]
+    seconds = [s for s, _, _ in rows]
     median = statistics.median(seconds)
-    refresh_times = [s for s, n in rows if n]
+    refresh_times = [s for s, n, _ in rows if n]
     return {
         "steps": len(seconds),
         "median_ms": 1e3 * median,
         "mean_ms": 1e3 * statistics.fmean(seconds),
         "total_s": sum(seconds),
         "spike": max(seconds) / median,
-        "refreshes": sum(n for _, n in rows),
+        "refreshes": sum(n for _, n, _ in rows),
         "refresh_steps": len(refresh_times),
         "refresh_step_ms": 1e3 * statistics.fmean(refresh_times) if refresh_times else None,
+        "optimizer_mean_ms": 1e3 * statistics.fmean(o for _, _, o in rows),
     }
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Total (and median) step time of each pair the issue's targets compare."""
+    """Total (and median) step time, and the optimizer part's mean, of each pair the
+    issue's targets compare."""
     out = {}
     for a, b in (("lotus", "adamw"), ("galore", "adamw"), ("lotus", "galore")):
         if a in results and b in results:
             out[f"{a}/{b}"] = results[a]["total_s"] / results[b]["total_s"]
             out[f"{a}/{b}_median"] = results[a]["median_ms"] / results[b]["median_ms"]
+            out[f"{a}/{b}_optimizer"] = (results[a]["optimizer_mean_ms"]
+                                         / results[b]["optimizer_mean_ms"])
     return out
 
 
@@ -251,18 +307,21 @@ def _print_size(size: str, results: dict[str, dict[str, Any]], device: str) -> N
     print(f"\n{size} ({next(iter(results.values()))['params'] / 1e6:.2f}M params)")
     for name, r in results.items():
         print(f"  {name:<7} {_settings_text(r['settings'])}")
-    print(f"  {'optimizer':<9} {'median ms':>9} {'mean ms':>8} {'total s':>8} {'spike':>6} "
-          f"{'refreshes':>9} {'(steps)':>7} {'refresh-step ms':>15} {memory:>9} {'loss':>6}")
+    print(f"  {'optimizer':<9} {'median ms':>9} {'mean ms':>8} {'optim ms':>8} {'total s':>8} "
+          f"{'spike':>6} {'refreshes':>9} {'(steps)':>7} {'refresh-step ms':>15} {memory:>9} "
+          f"{'loss':>6}")
     for name, r in results.items():
         refresh_ms = "-" if r["refresh_step_ms"] is None else f"{r['refresh_step_ms']:.1f}"
-        print(f"  {name:<9} {r['median_ms']:9.1f} {r['mean_ms']:8.1f} {r['total_s']:8.2f} "
-              f"{r['spike']:6.2f} {r['refreshes']:9d} {r['refresh_steps']:7d} {refresh_ms:>15} "
+        print(f"  {name:<9} {r['median_ms']:9.1f} {r['mean_ms']:8.1f} "
+              f"{r['optimizer_mean_ms']:8.2f} {r['total_s']:8.2f} {r['spike']:6.2f} "
+              f"{r['refreshes']:9d} {r['refresh_steps']:7d} {refresh_ms:>15} "
               f"{r['peak_bytes'] / 2**20:9.1f} {r['final_loss']:6.3f}")
     pairs = ratios(results)
     if pairs:
         print("  total-time ratios: " + ", ".join(
-            f"{k} {v:.3f} (median {pairs[k + '_median']:.3f})"
-            for k, v in pairs.items() if not k.endswith("_median")))
+            f"{k} {v:.3f} (median {pairs[k + '_median']:.3f}, optimizer part "
+            f"{pairs[k + '_optimizer']:.3f})"
+            for k, v in pairs.items() if "_" not in k))
 
 
 def targets(pairs: dict[str, float]) -> dict[str, bool]:
@@ -300,12 +359,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="untimed steps first (they include the initial refresh)")
     parser.add_argument("--block", type=int, default=10,
                         help="steps an optimizer runs before the next one takes its turn")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="run the schedule this many times, each with fresh workers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="intra-op threads of each worker (default: torch's, %(default)s)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup_steps < 0 or args.block < 1 or args.threads < 1:
-        parser.error("--steps, --block and --threads must be >= 1, --warmup-steps >= 0")
+    if min(args.steps, args.block, args.threads, args.repeats) < 1 or args.warmup_steps < 0:
+        parser.error("--steps, --block, --threads and --repeats must be >= 1, "
+                     "--warmup-steps >= 0")
     sizes = _split(args.sizes, list(MODEL_SIZES), "size")
     optimizers = _split(args.optimizers, OPTIMIZERS, "optimizer")
 
@@ -314,9 +376,10 @@ def main(argv: list[str] | None = None) -> None:
     t = base.training
     print(f"bench step: device {args.device}, {args.threads} threads, config "
           f"{args.config} {' '.join(args.overrides)}".rstrip())
-    print(f"  {args.steps} timed steps after {args.warmup_steps} warm-up steps, turns of "
-          f"{args.block} steps; global batch {t.batch_size} (micro {t.micro_batch_size}) x seq "
-          f"{t.seq_len}, vocab {vocab}, grad_clip {t.grad_clip}", flush=True)
+    print(f"  {args.repeats} x {args.steps} timed steps, each after {args.warmup_steps} "
+          f"warm-up steps, turns of {args.block} steps; global batch {t.batch_size} "
+          f"(micro {t.micro_batch_size}) x seq {t.seq_len}, vocab {vocab}, "
+          f"grad_clip {t.grad_clip}", flush=True)
     rows, pairs_by_size, targets_by_size = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         batches_path = str(Path(tmp) / "batches.pt")
@@ -327,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
             cfgs = {name: load_config(args.config, [*args.overrides, *extra, f"optim.name={name}"])
                     for name in optimizers}
             results = run_size(cfgs, batches_path, args.device, args.steps, args.warmup_steps,
-                               args.block, args.threads)
+                               args.block, args.threads, args.repeats)
             _print_size(size, results, args.device)
             pairs_by_size[size] = ratios(results)
             targets_by_size[size] = targets(pairs_by_size[size])
@@ -338,6 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"bench": "step", "device": args.device,
                       "threads": args.threads, "config": args.config,
                       "overrides": args.overrides, "steps": args.steps,
+                      "repeats": args.repeats,
                       "warmup_steps": args.warmup_steps, "block": args.block,
                       "batch_size": t.batch_size, "micro_batch_size": t.micro_batch_size,
                       "seq_len": t.seq_len, "vocab_size": vocab, "rows": rows,

@@ -11,6 +11,8 @@ from launcher.config import PROJECTED_OPTIMIZERS, Config, ConfigError
 from launcher.distributed import DistInfo
 from launcher.engines.base import Engine
 from launcher.optimizer import build_optimizer
+from lotus_dist import LotusAdamW
+from lotus_dist.comm import DataParallelComm
 from lotus_dist.model import LlamaConfig, build_model
 
 
@@ -47,10 +49,13 @@ def build_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo) -> En
     elif lowrank:
         from launcher.engines.ddp_lowrank import LowRankDDPEngine
 
-        return LowRankDDPEngine(raw_model, optimizer, dist_info)
+        return LowRankDDPEngine(raw_model, optimizer, dist_info,
+                                check_consistency=cfg.parallel.check_consistency)
     else:
         from launcher.engines.ddp import DDPEngine
 
+        if isinstance(optimizer, LotusAdamW):  # every rank computes the same bases itself
+            optimizer.comm = DataParallelComm(check_consistency=cfg.parallel.check_consistency)
         engine = DDPEngine(raw_model, optimizer, dist_info)
     engine.clip_consumed = clip_on == "consumed"
     return engine

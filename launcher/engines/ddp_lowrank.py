@@ -22,9 +22,10 @@ class LowRankDDPEngine(Engine):
 
     name = "ddp_lowrank"
 
-    def __init__(self, raw_model: nn.Module, optimizer: LotusAdamW, dist_info: DistInfo) -> None:
+    def __init__(self, raw_model: nn.Module, optimizer: LotusAdamW, dist_info: DistInfo, *,
+                 check_consistency: bool = False) -> None:
         super().__init__(raw_model, raw_model, optimizer, dist_info)
-        self.comm = LowRankDDPComm(raw_model, optimizer)
+        self.comm = LowRankDDPComm(raw_model, optimizer, check_consistency=check_consistency)
         optimizer.comm = self.comm
         self.steps = 0
 

@@ -1,0 +1,79 @@
+"""`lotus-train export`: a trained run's checkpoint becomes an HF folder of the same model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from launcher.cli import main as cli
+from launcher.config import load_config
+from launcher.data import build_data
+from launcher.distributed import DistInfo
+from launcher.train import run
+
+
+def small_run(corpus, tokenizer, run_dir, *extra: str) -> list[str]:
+    return [f"data.path={corpus}", f"data.tokenizer={tokenizer}", f"run.dir={run_dir}",
+            "model.max_seq_len=32", "training.seq_len=32", "training.batch_size=8",
+            "training.micro_batch_size=4", "training.steps=6", "training.warmup_steps=2",
+            "eval.interval=0", "eval.batches=2", "checkpoint.interval=3", "optim.rank=8",
+            "run.tensorboard=false", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(small_corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_config("configs/tiny.yaml", small_run(*small_corpus, run_dir))
+    return cfg, run(cfg)
+
+
+def test_export_reproduces_the_final_eval_loss_in_transformers(trained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg, summary = trained
+    cli(["export", "--run", cfg.run.dir, "--out", str(tmp_path / "hf")])
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    _, evals, _ = build_data(cfg, DistInfo(rank=0, world_size=1, local_rank=0,
+                                           device=torch.device("cpu")))
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for batch in evals:
+            logits = model(input_ids=batch[:, :-1]).logits
+            loss_sum += float(F.cross_entropy(logits.flatten(0, 1).float(),
+                                              batch[:, 1:].flatten(), reduction="sum"))
+            count += batch[:, 1:].numel()
+    assert loss_sum / count == pytest.approx(summary["final_eval_loss"], rel=1e-5)
+    assert summary["final_eval_loss"] < math.log(512)  # it learned: not the initial weights
+
+
+def test_export_of_an_earlier_step_differs_from_the_newest(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg, _ = trained
+    cli(["export", "--run", cfg.run.dir, "--out", str(tmp_path / "new")])
+    cli(["export", "--run", cfg.run.dir, "--out", str(tmp_path / "old"), "--step", "3"])
+    new = load_file(tmp_path / "new" / "model.safetensors")
+    old = load_file(tmp_path / "old" / "model.safetensors")
+    assert new.keys() == old.keys()
+    assert not torch.equal(new["model.layers.0.mlp.up_proj.weight"],
+                           old["model.layers.0.mlp.up_proj.weight"])
+
+
+def fails_with(argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli(argv)
+    assert message in str(exc.value), str(exc.value)
+
+
+def test_a_step_without_a_checkpoint_is_named(trained, tmp_path):
+    cfg, _ = trained
+    fails_with(["export", "--run", cfg.run.dir, "--out", str(tmp_path / "hf"), "--step", "5"],
+               "no complete checkpoint at")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_folder_that_is_not_a_run_is_named(tmp_path):
+    fails_with(["export", "--run", str(tmp_path), "--out", str(tmp_path / "hf")],
+               "not a run directory")

@@ -40,6 +40,7 @@ def test_bench_step_reports_every_optimizer_with_refreshes_and_consistent_ratios
     ratios = report["ratios"]["tiny"]
     for a, b in (("lotus", "adamw"), ("galore", "adamw"), ("lotus", "galore")):
         assert ratios[f"{a}/{b}"] == pytest.approx(rows[a]["total_s"] / rows[b]["total_s"])
+        assert len(ratios[f"{a}/{b}_repeats"]) == 2
         assert ratios[f"{a}/{b}_optimizer"] == pytest.approx(
             rows[a]["optimizer_mean_ms"] / rows[b]["optimizer_mean_ms"])
     assert set(report["targets"]["tiny"]) == {"lotus_total_le_1.05x_adamw",

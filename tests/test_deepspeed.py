@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from run_outputs import metric_rows, train_rows
 
 pytest.importorskip("deepspeed")
 
@@ -58,16 +59,6 @@ def overrides(corpus: Path, tokenizer: Path, run_dir: Path, *extra: str) -> list
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    drop = {"time", "tokens_per_s", "peak_memory_gb"}
-    return [{k: v for k, v in json.loads(line).items() if k not in drop}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_rows(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in metric_rows(run_dir) if "loss" in r]
 
 
 def torchrun(run_dir: Path, sets: list[str], nproc: int = 2) -> subprocess.CompletedProcess:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from run_outputs import metric_rows, train_rows
 
 from launcher.config import load_config
 from launcher.train import main, run
@@ -26,16 +27,6 @@ def overrides(corpus, tokenizer, run_dir, *extra: str) -> list[str]:
             "checkpoint.interval=8", "checkpoint.keep_latest=0", "optim.rank=8",
             "optim.verify_gap=3", "optim.gamma=0.2", "optim.lr=0.01", "run.tensorboard=false",
             *extra]
-
-
-def rows(run_dir: Path) -> list[dict]:
-    drop = {"time", "tokens_per_s", "peak_memory_gb"}
-    return [{k: v for k, v in json.loads(line).items() if k not in drop}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_rows(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in rows(run_dir) if "loss" in r]
 
 
 def test_loss_falls_and_outputs_are_written(small_corpus, tmp_path):
@@ -63,11 +54,11 @@ def test_resume_after_losing_the_newest_checkpoint_reproduces_the_losses(small_c
     base = overrides(*small_corpus, tmp_path, f"optim.name={optim}",
                      "optim.update_proj_gap=5")
     run(load_config("configs/tiny.yaml", base))
-    uninterrupted = rows(tmp_path)
+    uninterrupted = metric_rows(tmp_path)
     shutil.rmtree(tmp_path / "ckpt" / "step-24")
     shutil.rmtree(tmp_path / "ckpt" / "step-16")  # resume from step 8: crosses refreshes
     run(load_config("configs/tiny.yaml", base))
-    assert rows(tmp_path) == uninterrupted
+    assert metric_rows(tmp_path) == uninterrupted
 
 
 @pytest.mark.parametrize("lowrank", [False, True], ids=["ddp", "ddp_lowrank"])
@@ -83,7 +74,7 @@ def test_two_ranks_equal_one_rank(small_corpus, tmp_path, lowrank):
     # Adam's scale invariance would hide. After it, a top-r subspace with near-equal
     # singular values at the cut turns with 1e-7 perturbations (for an exact SVD too),
     # so later steps agree only loosely.
-    for r1, r2 in zip(rows(one), rows(two), strict=True):
+    for r1, r2 in zip(metric_rows(one), metric_rows(two), strict=True):
         tight = r1["step"] <= 4
         for key in ("loss", "grad_norm", "eval_loss") if tight else ("loss", "eval_loss"):
             if r1.get(key) is not None:
@@ -113,12 +104,12 @@ def torchrun(nproc: int, args: list[str]) -> None:
 def test_a_two_rank_checkpoint_resumes_in_one_process(small_corpus, tmp_path, capsys):
     args = overrides(*small_corpus, tmp_path, "optim.gamma=2.0", "training.clip_on=consumed")
     torchrun(2, args)
-    uninterrupted = rows(tmp_path)
+    uninterrupted = metric_rows(tmp_path)
     for step in (16, 24):
         shutil.rmtree(tmp_path / "ckpt" / f"step-{step}")
     run(load_config("configs/tiny.yaml", args))
     assert "resumed from step 8" in capsys.readouterr().out
-    resumed = rows(tmp_path)
+    resumed = metric_rows(tmp_path)
     assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted]
     for a, b in zip(uninterrupted, resumed, strict=True):
         for key in ("loss", "eval_loss"):

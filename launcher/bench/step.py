@@ -188,6 +188,7 @@ def run_size(cfgs: dict[str, Config], batches_path: str, device: str, steps: int
     each repeat, and summarise all repeats' steps together."""
     times: dict[str, list[tuple[float, int, float]]] = {name: [] for name in cfgs}
     info: dict[str, dict[str, Any]] = {}
+    repeat_totals: dict[str, list[float]] = {name: [] for name in cfgs}
     start = time.perf_counter()
     for repeat in range(repeats):
         rep_times, rep_info = _run_workers(cfgs, batches_path, device, steps, warmup_steps,
@@ -195,11 +196,13 @@ def run_size(cfgs: dict[str, Config], batches_path: str, device: str, steps: int
                                            progress=(repeat * steps, repeats * steps, start))
         for name in cfgs:
             times[name] += rep_times[name]
+            repeat_totals[name].append(sum(s for s, _, _ in rep_times[name]))
             if name in info:  # peak over the repeats; the rest is the same each time
                 rep_info[name]["peak_bytes"] = max(info[name]["peak_bytes"],
                                                    rep_info[name]["peak_bytes"])
             info[name] = rep_info[name]
-    return {name: summarize(times[name]) | info[name] for name in cfgs}
+    return {name: summarize(times[name]) | info[name] | {"repeat_total_s": repeat_totals[name]}
+            for name in cfgs}
 
 
 def _run_workers(cfgs: dict[str, Config], batches_path: str, device: str, steps: int,
@@ -270,7 +273,7 @@ def summarize(rows: list[tuple[float, int, float]]) -> dict[str, Any]:
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Total (and median) step time, and the optimizer part's mean, of each pair the
-    issue's targets compare."""
+    issue's targets compare; the total's ratio in each repeat shows the run-to-run spread."""
     out = {}
     for a, b in (("lotus", "adamw"), ("galore", "adamw"), ("lotus", "galore")):
         if a in results and b in results:
@@ -278,6 +281,8 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
             out[f"{a}/{b}_median"] = results[a]["median_ms"] / results[b]["median_ms"]
             out[f"{a}/{b}_optimizer"] = (results[a]["optimizer_mean_ms"]
                                          / results[b]["optimizer_mean_ms"])
+            out[f"{a}/{b}_repeats"] = [x / y for x, y in zip(results[a]["repeat_total_s"],
+                                                             results[b]["repeat_total_s"])]
     return out
 
 
@@ -318,10 +323,12 @@ def _print_size(size: str, results: dict[str, dict[str, Any]], device: str) -> N
               f"{r['peak_bytes'] / 2**20:9.1f} {r['final_loss']:6.3f}")
     pairs = ratios(results)
     if pairs:
-        print("  total-time ratios: " + ", ".join(
-            f"{k} {v:.3f} (median {pairs[k + '_median']:.3f}, optimizer part "
-            f"{pairs[k + '_optimizer']:.3f})"
-            for k, v in pairs.items() if "_" not in k))
+        print("  total-time ratios (per repeat; median step; optimizer part):")
+        for k, v in pairs.items():
+            if "_" not in k:
+                each = ", ".join(f"{x:.3f}" for x in pairs[k + "_repeats"])
+                print(f"    {k:<12} {v:.3f} ({each}; median {pairs[k + '_median']:.3f}; "
+                      f"optimizer part {pairs[k + '_optimizer']:.3f})")
 
 
 def targets(pairs: dict[str, float]) -> dict[str, bool]:

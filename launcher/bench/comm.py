@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                              "verifying gap, the most frequent a displacement switch allows)")
     parser.add_argument("--measure", default="tiny,20m",
                         help="sizes to time on 2 gloo ranks ('' to skip)")
-    parser.add_argument("--steps", type=int, default=20, help="steps per timed run")
+    parser.add_argument("--steps", type=int, default=60, help="steps per timed run")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="config override for the timed runs (repeatable)")
     args = parser.parse_args(argv)

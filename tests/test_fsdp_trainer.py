@@ -73,8 +73,9 @@ def _resume_from(src: Path, dst: Path, step: int) -> None:
 
 @pytest.fixture(scope="module")
 def runs(small_corpus, tmp_path_factory) -> Path:
-    """Run directories: {lotus,galore}-{1,2,4}, resume-4 (from 2 ranks' step 4) and
-    resume-1 (from resume-4's step 6)."""
+    """Run directories: {lotus,galore}-{1,2,4}, resume-4 (from 2 ranks' step 4),
+    resume-1 (from resume-4's step 6), and lotus-2-ac / lotus-2-bf16 (2 ranks with
+    activation checkpointing / bf16 mixed precision)."""
     root = tmp_path_factory.mktemp("fsdp-trainer")
 
     def args(name: str, optim: str, *extra: str) -> list[str]:
@@ -82,7 +83,9 @@ def runs(small_corpus, tmp_path_factory) -> Path:
 
     for optim in OPTIMIZERS:
         run(load_config("configs/tiny.yaml", args(f"{optim}-1", optim)))
-    _spawn(2, [args("lotus-2", "lotus", "checkpoint.interval=4"), args("galore-2", "galore")])
+    _spawn(2, [args("lotus-2", "lotus", "checkpoint.interval=4"), args("galore-2", "galore"),
+               args("lotus-2-ac", "lotus", "parallel.activation_checkpointing=true"),
+               args("lotus-2-bf16", "lotus", "parallel.mixed_precision=bf16")])
     _resume_from(root / "lotus-2", root / "resume-4", step=4)
     _spawn(4, [args("lotus-4", "lotus"), args("galore-4", "galore"),
                args("resume-4", "lotus", "checkpoint.interval=2")])
@@ -159,3 +162,22 @@ def test_fsdp_reports_bytes_per_step_by_kind(runs):
     assert bytes_per_step["param_allgathers"] > bytes_per_step["full_gradients"] > 0
     assert 0 < bytes_per_step["sketches"] < bytes_per_step["full_gradients"] / 10
     assert bytes_per_step["lowrank_gradients"] == 0  # tiny's sizes all divide 4
+
+
+@pytest.mark.slow
+def test_fsdp_activation_checkpointing_recomputes_the_same_run(runs):
+    """Recomputing each block in backward changes memory, not the numbers."""
+    assert_same_run(runs / "lotus-2-ac", runs / "lotus-1")
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_mixed_precision_tracks_the_fp32_run(runs):
+    """bf16 weights in forward and backward, fp32 gradient reduction and fp32 sharded
+    masters: the losses follow the fp32 run to bf16 precision, and the model learns."""
+    got, ref = train_rows(runs / "lotus-2-bf16"), train_rows(runs / "lotus-1")
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for g, r in zip(got, ref):
+        assert g["loss"] == pytest.approx(r["loss"], rel=2e-2), g["step"]
+    assert got[-1]["loss"] < got[0]["loss"] - 0.5
+    weights = checkpoint_tensors(runs / "lotus-2-bf16")
+    assert all(t.dtype == torch.float32 for k, t in weights.items() if k.startswith("model."))

@@ -137,6 +137,28 @@ def load(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
     return marker
 
 
+def stored_model_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Shape of every model weight in the checkpoint at ``path``, keyed by parameter name.
+
+    Raises CheckpointError for a missing, incomplete or unreadable checkpoint, and for a
+    DeepSpeed one, whose weights are in DeepSpeed's own files rather than in DCP's.
+    """
+    path = Path(path)
+    _read_marker(path)
+    _check_files(path)
+    try:
+        stored = FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as e:  # whatever the reader raises, the checkpoint is unusable
+        raise _corrupt(path, f"reading its metadata failed: {_first_line(e)}") from e
+    shapes = {k.removeprefix("model."): tuple(v.size) for k, v in stored.items()
+              if k.startswith("model.") and hasattr(v, "size")}
+    if not shapes:
+        raise CheckpointError(f"checkpoint {path} holds no DCP model weights (a "
+                              "parallel.engine=deepspeed checkpoint keeps them in its own "
+                              "format); export is available for ddp and fsdp checkpoints")
+    return shapes
+
+
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Load only the ``model`` entry of the checkpoint at ``path`` into ``model`` (one
     process, e.g. for export), ignoring optimizer, data and RNG state.
@@ -145,17 +167,10 @@ def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
     that silently left initial weights in place would export an untrained model.
     """
     path = Path(path)
-    _read_marker(path)
-    _check_files(path)
-    stored = FileSystemReader(path).read_metadata().state_dict_metadata
+    stored = stored_model_shapes(path)
     target = ModelState(model)
-    wanted = {f"model.{k}": tuple(v.shape) for k, v in target.state_dict().items()}
-    if not any(k.startswith("model.") for k in stored):
-        raise CheckpointError(f"checkpoint {path} holds no DCP model weights (a "
-                              "parallel.engine=deepspeed checkpoint keeps them in its own "
-                              "format); export is available for ddp and fsdp checkpoints")
-    wrong = [k for k, shape in wanted.items()
-             if k not in stored or tuple(getattr(stored[k], "size", ())) != shape]
+    wrong = [f"model.{k}" for k, v in target.state_dict().items()
+             if stored.get(k) != tuple(v.shape)]
     if wrong:
         raise CheckpointError(f"checkpoint {path} does not hold this model's weights "
                               f"(missing or another shape: {_some(set(wrong))}); was it "

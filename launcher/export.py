@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
 
 from launcher import checkpoint
 from launcher.checkpoint import CheckpointError
@@ -36,23 +35,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     if path is None or not (path / checkpoint.MARKER).is_file():
         raise CheckpointError(f"no complete checkpoint {'in' if step is None else 'at'} "
                               f"{ckpt_dir if path is None else path}")
-    model_cfg = dataclasses.replace(MODEL_SIZES[cfg.model.size],
-                                    vocab_size=_stored_vocab_size(path),
+    vocab_size = checkpoint.stored_model_shapes(path)["embed_tokens.weight"][0]
+    model_cfg = dataclasses.replace(MODEL_SIZES[cfg.model.size], vocab_size=vocab_size,
                                     max_seq_len=cfg.model.max_seq_len)
     model = build_model_on_meta(model_cfg)
     model.to_empty(device="cpu")  # every weight is overwritten by the load
     checkpoint.load_model_weights(path, model)
     return export_hf(model, out_dir, DTYPES[dtype])
 
-
-def _stored_vocab_size(path: Path) -> int:
-    try:
-        meta = FileSystemReader(path).read_metadata().state_dict_metadata
-    except Exception as e:  # whatever the reader raises, the checkpoint is unusable
-        raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from e
-    entry = meta.get("model.embed_tokens.weight")
-    if entry is None:
-        raise CheckpointError(f"checkpoint {path} holds no DCP model weights (a "
-                              "parallel.engine=deepspeed checkpoint keeps them in its own "
-                              "format); export is available for ddp and fsdp checkpoints")
-    return int(entry.size[0])

@@ -17,10 +17,11 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from run_outputs import metric_rows, train_rows
+from small_runs import metric_rows, small_run, train_rows
 
 pytest.importorskip("deepspeed")
 
@@ -48,13 +49,10 @@ def zero(stage: int) -> str:
 def overrides(corpus: Path, tokenizer: Path, run_dir: Path, *extra: str) -> list[str]:
     """A tiny model: 12 steps of 8 x 32 tokens. gamma=2 refreshes at every check (steps 1,
     4, 7, 10), so a threshold that rounding could flip never decides a refresh."""
-    return [f"data.path={corpus}", f"data.tokenizer={tokenizer}", f"run.dir={run_dir}",
-            "model.max_seq_len=32", "training.seq_len=32", "training.batch_size=8",
-            "training.micro_batch_size=4", "training.steps=12", "training.warmup_steps=2",
-            "training.log_interval=1", "eval.interval=6", "eval.batches=1",
-            "checkpoint.interval=6", "checkpoint.keep_latest=0", "optim.rank=8",
-            "optim.verify_gap=3", "optim.gamma=2.0", "optim.lr=0.01", "run.tensorboard=false",
-            *extra]
+    return small_run(corpus, tokenizer, run_dir, "training.steps=12", "training.warmup_steps=2",
+                     "training.log_interval=1", "eval.interval=6", "eval.batches=1",
+                     "checkpoint.interval=6", "checkpoint.keep_latest=0", "optim.verify_gap=3",
+                     "optim.gamma=2.0", "optim.lr=0.01", *extra)
 
 
 def summary(run_dir: Path) -> dict:
@@ -70,35 +68,36 @@ def torchrun(run_dir: Path, sets: list[str], nproc: int = 2) -> subprocess.Compl
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="session")
-def launched(small_corpus, tmp_path_factory):
-    """launch(*overrides) -> run dir of a 2-rank torchrun training, run once per session."""
+def cached_runs(tmp_path_factory, prefix: str, train: Callable[[Path, tuple[str, ...]], None]):
+    """launch(*overrides) -> run dir of ``train(run_dir, overrides)``, run once per session."""
     cache: dict[tuple[str, ...], Path] = {}
 
     def launch(*extra: str) -> Path:
         if extra not in cache:
-            run_dir = tmp_path_factory.mktemp("ds-run")
-            proc = torchrun(run_dir, overrides(*small_corpus, run_dir, *extra))
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-            cache[extra] = run_dir
+            cache[extra] = tmp_path_factory.mktemp(prefix)
+            train(cache[extra], extra)
         return cache[extra]
 
     return launch
+
+
+@pytest.fixture(scope="session")
+def launched(small_corpus, tmp_path_factory):
+    """2-rank torchrun trainings."""
+    def train(run_dir: Path, extra: tuple[str, ...]) -> None:
+        proc = torchrun(run_dir, overrides(*small_corpus, run_dir, *extra))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    return cached_runs(tmp_path_factory, "ds-run", train)
 
 
 @pytest.fixture(scope="session")
 def single_process(small_corpus, tmp_path_factory):
     """One-process runs of the plain engine, the reference the others must equal."""
-    cache: dict[tuple[str, ...], Path] = {}
+    def train(run_dir: Path, extra: tuple[str, ...]) -> None:
+        run(load_config("configs/tiny.yaml", overrides(*small_corpus, run_dir, *extra)))
 
-    def launch(*extra: str) -> Path:
-        if extra not in cache:
-            run_dir = tmp_path_factory.mktemp("single")
-            run(load_config("configs/tiny.yaml", overrides(*small_corpus, run_dir, *extra)))
-            cache[extra] = run_dir
-        return cache[extra]
-
-    return launch
+    return cached_runs(tmp_path_factory, "single", train)
 
 
 def assert_same_run(got: Path, want: Path, tight: float, loose: float | None = None) -> None:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from small_runs import small_run
 
 from launcher.cli import main as cli
 from launcher.config import load_config
@@ -15,18 +16,12 @@ from launcher.distributed import DistInfo
 from launcher.train import run
 
 
-def small_run(corpus, tokenizer, run_dir, *extra: str) -> list[str]:
-    return [f"data.path={corpus}", f"data.tokenizer={tokenizer}", f"run.dir={run_dir}",
-            "model.max_seq_len=32", "training.seq_len=32", "training.batch_size=8",
-            "training.micro_batch_size=4", "training.steps=6", "training.warmup_steps=2",
-            "eval.interval=0", "eval.batches=2", "checkpoint.interval=3", "optim.rank=8",
-            "run.tensorboard=false", *extra]
-
-
 @pytest.fixture(scope="module")
 def trained(small_corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = load_config("configs/tiny.yaml", small_run(*small_corpus, run_dir))
+    cfg = load_config("configs/tiny.yaml", small_run(
+        *small_corpus, run_dir, "training.steps=6", "training.warmup_steps=2",
+        "eval.interval=0", "eval.batches=2", "checkpoint.interval=3"))
     return cfg, run(cfg)
 
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from run_outputs import metric_rows, train_rows
+from small_runs import metric_rows, small_run, train_rows
 
 from launcher.config import load_config
 from launcher.train import main, run
@@ -20,13 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def overrides(corpus, tokenizer, run_dir, *extra: str) -> list[str]:
     """A tiny model on the small corpus: 24 steps of 8 x 32 tokens, 2 micro-batches."""
-    return [f"data.path={corpus}", f"data.tokenizer={tokenizer}", f"run.dir={run_dir}",
-            "model.max_seq_len=32", "training.seq_len=32", "training.batch_size=8",
-            "training.micro_batch_size=4", "training.steps=24", "training.warmup_steps=4",
-            "training.log_interval=1", "eval.interval=8", "eval.batches=2",
-            "checkpoint.interval=8", "checkpoint.keep_latest=0", "optim.rank=8",
-            "optim.verify_gap=3", "optim.gamma=0.2", "optim.lr=0.01", "run.tensorboard=false",
-            *extra]
+    return small_run(corpus, tokenizer, run_dir, "training.steps=24", "training.warmup_steps=4",
+                     "training.log_interval=1", "eval.interval=8", "eval.batches=2",
+                     "checkpoint.interval=8", "checkpoint.keep_latest=0", "optim.verify_gap=3",
+                     "optim.gamma=0.2", "optim.lr=0.01", *extra)
 
 
 def test_loss_falls_and_outputs_are_written(small_corpus, tmp_path):

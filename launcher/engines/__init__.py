@@ -26,9 +26,6 @@ def build_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo) -> En
         from launcher.engines.deepspeed import build_deepspeed_engine
 
         return build_deepspeed_engine(cfg, model_cfg, dist_info)
-    if engine not in ("ddp", "fsdp"):
-        raise ConfigError(f"parallel.engine={engine!r} is not available in this build; "
-                          "use parallel.engine=ddp or fsdp")
     if engine == "fsdp" and dist_info.world_size > 1:  # one process: the plain engine below
         from launcher.engines.fsdp import build_fsdp_engine
 

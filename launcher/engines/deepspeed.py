@@ -259,9 +259,10 @@ class DeepSpeedCheckpoint:
 
     ``launcher.checkpoint`` calls ``save_native``/``load_native`` on every rank with the
     ``deepspeed/`` folder of the step directory, so the files share its atomic publish and
-    pruning. They hold the model, the fp32 master partitions and each rank's optimizer
-    state, so a resume needs the same world size and ZeRO stage; ``layout.json`` records
-    both and a mismatch is a CheckpointError before DeepSpeed reads anything.
+    pruning (this engine always has a process group, even for one rank). They hold the
+    model, the fp32 master partitions and each rank's optimizer state, so a resume needs
+    the same world size and ZeRO stage; ``layout.json`` records both and a mismatch is a
+    CheckpointError before DeepSpeed reads anything.
     """
 
     TAG = "state"
@@ -270,12 +271,12 @@ class DeepSpeedCheckpoint:
         self.ds, self.stage = ds_engine, stage
 
     def _layout(self) -> dict[str, Any]:
-        return {"zero_stage": self.stage, "world_size": _world_size(),
+        return {"zero_stage": self.stage, "world_size": dist.get_world_size(),
                 "bf16": bool(self.ds.bfloat16_enabled())}
 
     def save_native(self, path: Path) -> None:
         self.ds.save_checkpoint(str(path), tag=self.TAG, save_latest=False)
-        if _rank() == 0:
+        if dist.get_rank() == 0:
             (path / "layout.json").write_text(json.dumps(self._layout()) + "\n")
 
     def load_native(self, path: Path) -> None:
@@ -330,11 +331,3 @@ def _quiet_deepspeed(device: torch.device) -> None:
 
 def _numel(p: torch.Tensor) -> int:
     return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 empties partitioned parameters
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1

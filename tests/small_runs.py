@@ -1,9 +1,19 @@
-"""Reading a run directory's metrics in tests: rows without the timing-dependent fields."""
+"""Small trainer runs in tests: the shared overrides, and reading a run's metrics."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+
+def small_run(corpus: Path, tokenizer: Path, run_dir: Path, *extra: str) -> list[str]:
+    """``--set`` overrides for the tiny model on the test corpus: 8 x 32 tokens per step
+    in micro-batches of 4, rank 8, no TensorBoard. ``extra`` adds or overrides keys (the
+    last value of a key wins)."""
+    return [f"data.path={corpus}", f"data.tokenizer={tokenizer}", f"run.dir={run_dir}",
+            "model.max_seq_len=32", "training.seq_len=32", "training.batch_size=8",
+            "training.micro_batch_size=4", "optim.rank=8", "run.tensorboard=false", *extra]
+
 
 #: Fields that differ between two runs of the same computation.
 TIMING_FIELDS = {"time", "tokens_per_s", "peak_memory_gb"}

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import inspect
 import itertools
+import keyword
 import textwrap
 import types
 import typing
@@ -63,6 +64,9 @@ class DataConfig:
     """Shuffle window, in sequence blocks."""
     hub_config: str = "en"
     """Dataset config name when data.path is a hub name."""
+    on_error: Literal["skip", "stop"] = "skip"
+    """Malformed records and unreadable files (truncated gzip): skip them (counted in the
+    log, metrics and summary.json, each named with its file and byte offset) or stop."""
 
 
 @dataclass
@@ -148,7 +152,18 @@ class TrainingConfig:
     log_interval: int = 10
     """Steps between metric rows and progress lines."""
     max_skipped_steps: int = 10
-    """Stop after this many steps skipped for non-finite gradients."""
+    """The run has diverged after this many bad steps in a row (skipped for a non-finite
+    loss or gradient, or a loss spike); training.on_divergence says what happens then."""
+    spike_factor: float = 3.0
+    """A finite loss above this multiple of the running mean of recent good losses is a
+    loss spike: a bad step (it is not skipped); 0 turns spike detection off."""
+    on_divergence: Literal["stop", "rollback"] = "stop"
+    """On divergence: stop with an error, or reload the newest checkpoint from before the
+    bad steps and go on with the learning rate times training.rollback_lr_factor."""
+    rollback_lr_factor: float = 0.5
+    """Learning-rate multiplier applied at each rollback (training.on_divergence)."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed in one run before it stops with an error."""
 
 
 @dataclass
@@ -177,6 +192,9 @@ class ParallelConfig:
     """Recompute each block's activations in backward to save memory."""
     deepspeed_config: str | None = None
     """DeepSpeed JSON (configs/deepspeed/*.json); the batch sizes come from training.*."""
+    timeout_s: float = 1800.0
+    """Seconds a collective may wait for a rank before the job fails (so torchrun or SLURM
+    can restart it) instead of hanging on a stopped or dead rank."""
 
 
 @dataclass
@@ -201,6 +219,12 @@ class CheckpointConfig:
     """Complete checkpoints to keep; 0 keeps all."""
     resume: str = "auto"
     """auto (newest in run.dir/ckpt), never, or a checkpoint directory."""
+    healthy_steps: int = 5
+    """A save waits until this many steps in a row were good (no skip, no loss spike), so
+    a diverging run never publishes, or prunes for, a damaged checkpoint."""
+    async_: bool = False
+    """Write checkpoints in the background (DCP async save): training goes on while the
+    files are written; the checkpoint is published once every rank has finished."""
 
 
 @dataclass
@@ -267,7 +291,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     """Plain nested dict of the config (for config.yaml and summaries); loads back as is."""
-    return dataclasses.asdict(cfg)
+    return {section: {_key(attr): value for attr, value in values.items()}
+            for section, values in dataclasses.asdict(cfg).items()}
 
 
 def config_help() -> str:
@@ -278,7 +303,8 @@ def config_help() -> str:
         docs, hints, defaults = _attribute_docs(section_cls), _hints(section_cls), section_cls()
         for f in dataclasses.fields(section_cls):
             hint, default = hints[f.name], getattr(defaults, f.name)
-            lines.append(f"{section.name}.{f.name} ({_describe(hint)}, default {default!r})")
+            lines.append(f"{section.name}.{_key(f.name)} ({_describe(hint)}, default "
+                         f"{default!r})")
             lines.append(f"    {docs.get(f.name, '')}")
     return "\n".join(lines)
 
@@ -331,7 +357,7 @@ def _assign(cfg: Config, dotted: str, value: Any, source: str, raw: str | None =
     section = getattr(cfg, section_name, None) if section_name in _SECTIONS else None
     if section is None or key not in _keys(section_name):
         raise ConfigError(f"{source}: unknown key {dotted}{_suggestion(dotted)}")
-    hint = _hints(type(section))[key]
+    hint = _hints(type(section))[_attr(key)]
     try:
         value = _coerce(value, hint)
     except TypeError:
@@ -340,7 +366,7 @@ def _assign(cfg: Config, dotted: str, value: Any, source: str, raw: str | None =
             raise ConfigError(
                 f"{source}: {dotted} expects {_describe(hint)}, got {value!r}") from None
         value = _coerce(raw, hint)
-    setattr(section, key, value)
+    setattr(section, _attr(key), value)
 
 
 def _suggestion(dotted: str) -> str:
@@ -431,7 +457,8 @@ def _type_problems(cfg: Config) -> list[str]:
             try:
                 _coerce(value, hint)
             except TypeError:
-                problems.append(f"{section_name}.{key} expects {_describe(hint)}, got {value!r}")
+                problems.append(f"{section_name}.{_key(key)} expects {_describe(hint)}, "
+                                f"got {value!r}")
     return problems
 
 
@@ -470,6 +497,11 @@ def _rule_problems(cfg: Config) -> list[str]:
         (t.grad_clip >= 0, "training.grad_clip must be >= 0 (0 = off)"),
         (t.log_interval >= 1, "training.log_interval must be >= 1"),
         (t.max_skipped_steps >= 0, "training.max_skipped_steps must be >= 0"),
+        (t.spike_factor == 0 or t.spike_factor > 1,
+         f"training.spike_factor must be > 1 (or 0 = off), got {t.spike_factor}"),
+        (0 < t.rollback_lr_factor <= 1, "training.rollback_lr_factor must be in (0, 1]"),
+        (t.max_rollbacks >= 0, "training.max_rollbacks must be >= 0"),
+        (p.timeout_s > 0, f"parallel.timeout_s must be > 0, got {p.timeout_s}"),
         (e.interval >= 0, "eval.interval must be >= 0 (0 = only at the end)"),
         (e.batches >= 1, "eval.batches must be >= 1"),
         (p.engine != "ddp" or p.mixed_precision == "none",
@@ -480,6 +512,7 @@ def _rule_problems(cfg: Config) -> list[str]:
         (bool(r.dir), "run.dir must not be empty"),
         (c.interval >= 0, "checkpoint.interval must be >= 0 (0 = off)"),
         (c.keep_latest >= 0, "checkpoint.keep_latest must be >= 0 (0 = keep all)"),
+        (c.healthy_steps >= 0, "checkpoint.healthy_steps must be >= 0"),
         (bool(c.resume), "checkpoint.resume must be auto, never or a path"),
     ]
     if o.name in PROJECTED_OPTIMIZERS:
@@ -507,7 +540,18 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _keys(section_name: str) -> list[str]:
-    return [f.name for f in dataclasses.fields(_hints(Config)[section_name])]
+    return [_key(f.name) for f in dataclasses.fields(_hints(Config)[section_name])]
+
+
+def _key(attr: str) -> str:
+    """The config key of a field: a Python keyword (``async``) is spelled ``async_`` in
+    the dataclass and without the underscore everywhere a user sees it."""
+    stem = attr.removesuffix("_")
+    return stem if keyword.iskeyword(stem) else attr
+
+
+def _attr(key: str) -> str:
+    return key + "_" if keyword.iskeyword(key) else key
 
 
 def _attribute_docs(cls: type) -> dict[str, str]:

@@ -8,12 +8,19 @@ from lotus_dist.data.loader import (
     eval_batches,
 )
 from lotus_dist.data.sample import sample_corpus_complete, write_sample_corpus
-from lotus_dist.data.sources import DocumentSource, HubDocuments, LocalDocuments, open_documents
+from lotus_dist.data.sources import (
+    DataError,
+    DocumentSource,
+    HubDocuments,
+    LocalDocuments,
+    open_documents,
+)
 from lotus_dist.data.tokenizer import EOS_TOKEN, TextTokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
     "DEFAULT_SHUFFLE_CHUNK",
     "EOS_TOKEN",
+    "DataError",
     "DocumentSource",
     "HubDocuments",
     "LocalDocuments",

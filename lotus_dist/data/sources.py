@@ -25,6 +25,11 @@ TEXT_SUFFIXES = (".txt", ".txt.gz")
 HUB_CONFIGS = {"allenai/c4": "en"}
 
 
+class DataError(ValueError):
+    """The corpus cannot be read as configured; the message names the file (and the byte
+    offset) and what to do. Never a checkpoint problem."""
+
+
 class DocumentSource(ABC):
     """The documents of one split; iterating runs from the current position to the end."""
 

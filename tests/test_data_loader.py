@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lotus_dist.data import (
+    DataWarning,
     LocalDocuments,
     PackedBatches,
     TextTokenizer,
@@ -207,7 +208,8 @@ def test_state_dict_is_plain_data(corpus, tokenizer) -> None:
     _take(batches, 3)
     state = batches.state_dict()
     assert set(state) == {
-        "chunk", "offset", "epoch", "source", "carry", "seq_len", "shuffle_chunk", "seed", "shuffle"
+        "chunk", "offset", "epoch", "source", "carry", "skipped_records",
+        "seq_len", "shuffle_chunk", "seed", "shuffle",
     }
     assert json.loads(json.dumps(state)) == state
     buffer = io.BytesIO()
@@ -226,8 +228,10 @@ def test_state_from_another_block_layout_is_refused(corpus, tokenizer) -> None:
 def test_skipped_records_are_visible_to_the_trainer(tmp_path, tokenizer) -> None:
     (tmp_path / "train.jsonl").write_text('{"text": "a b c"}\n{oops\n')
     batches = PackedBatches(LocalDocuments(tmp_path, "train"), tokenizer, SEQ_LEN, 1)
-    next(batches)
-    assert batches.source.skipped >= 1
+    with pytest.warns(DataWarning, match=r"train\.jsonl: line 2, at byte 18"):
+        next(batches)
+    assert batches.skipped_records >= 1
+    assert batches.data_errors[0]["offset"] == 18
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lotus_dist.data import HubDocuments, LocalDocuments, open_documents
+from lotus_dist.data import DataError, DataWarning, HubDocuments, LocalDocuments, open_documents
 
 
 def _write_json_lines(path: Path, lines: list[str]) -> None:
@@ -55,7 +55,8 @@ def test_malformed_records_are_skipped_and_counted(tmp_path: Path) -> None:
     ]
     _write_json_lines(tmp_path / "train.jsonl", lines)
     source = LocalDocuments(tmp_path, "train")
-    assert list(source) == ["good 1", "good 2"]
+    with pytest.warns(DataWarning, match=r"train\.jsonl: line 2, at byte 19: not JSON"):
+        assert list(source) == ["good 1", "good 2"]
     assert source.skipped == 5
 
 
@@ -80,7 +81,9 @@ def test_folder_without_split_files_is_an_error_naming_what_was_looked_for(
 
 def test_corpus_without_documents_is_an_error_naming_the_key(tmp_path: Path) -> None:
     _write_json_lines(tmp_path / "train.jsonl", ["{bad", '{"text": null}'])
-    with pytest.raises(ValueError, match=r"data\.path=.*no documents \(2 malformed"):
+    with pytest.warns(DataWarning), pytest.raises(
+        DataError, match=r"data\.path=.*no documents \(2 malformed"
+    ):
         list(LocalDocuments(tmp_path, "train"))
 
 

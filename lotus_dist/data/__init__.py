@@ -3,13 +3,16 @@
 from lotus_dist.data.assets import ensure_sample_assets
 from lotus_dist.data.loader import (
     DEFAULT_SHUFFLE_CHUNK,
+    EvalBatches,
     PackedBatches,
     build_train_batches,
     eval_batches,
 )
 from lotus_dist.data.sample import sample_corpus_complete, write_sample_corpus
 from lotus_dist.data.sources import (
+    MAX_ERRORS_KEPT,
     DataError,
+    DataWarning,
     DocumentSource,
     HubDocuments,
     LocalDocuments,
@@ -20,8 +23,11 @@ from lotus_dist.data.tokenizer import EOS_TOKEN, TextTokenizer, load_tokenizer, 
 __all__ = [
     "DEFAULT_SHUFFLE_CHUNK",
     "EOS_TOKEN",
+    "MAX_ERRORS_KEPT",
     "DataError",
+    "DataWarning",
     "DocumentSource",
+    "EvalBatches",
     "HubDocuments",
     "LocalDocuments",
     "PackedBatches",

@@ -6,6 +6,10 @@ The token stream is cut into blocks of seq_len + 1 tokens. Blocks are read in ch
 Global batch i is blocks [i*B, (i+1)*B) of that order, and rank r of W takes rows
 [r*B/W, (r+1)*B/W) of it: every rank tokenizes the whole stream but keeps only its rows,
 which is what makes the batches independent of the world size.
+
+Loading a state only stores it: the files are read when the next batch is asked for,
+so a damaged corpus shows up there as a DataError naming the file, never as a failure
+to load the checkpoint that holds the state.
 """
 
 import hashlib
@@ -15,11 +19,13 @@ from typing import Any
 
 import torch
 
-from lotus_dist.data.sources import DocumentSource, open_documents
+from lotus_dist.data.sources import DataError, DocumentSource, OnError, open_documents
 from lotus_dist.data.token_stream import TokenStream
 from lotus_dist.data.tokenizer import TextTokenizer, load_tokenizer
 
 DEFAULT_SHUFFLE_CHUNK = 1024
+# The token stream's part of a loader state.
+_STREAM_KEYS = ("epoch", "source", "carry", "skipped_records")
 
 
 def _chunk_generator(seed: int, chunk: int) -> torch.Generator:
@@ -34,6 +40,9 @@ class PackedBatches:
     Inputs are `x[:, :-1]` and targets `x[:, 1:]`. When the source runs out a new epoch
     starts (the token stream runs on across the boundary); with `repeat=False` the
     iterator stops instead, dropping the last partial batch.
+
+    Bad data is the source's `on_error` to handle (skip and count, or DataError);
+    `skipped_records` and `data_errors` show what was skipped.
     """
 
     def __init__(
@@ -69,12 +78,42 @@ class PackedBatches:
         self.shuffle_chunk = shuffle_chunk
         self.shuffle = shuffle
         self._stream = TokenStream(source, tokenizer, repeat)
+        # A loaded state not yet applied (see load_state_dict).
+        self._pending: dict[str, Any] | None = None
+        self._errors_seen = 0  # source.errors_total at the last new_data_errors()
         self._start_at_chunk(0)
+
+    @property
+    def skipped_records(self) -> int:
+        """Malformed records and unreadable file parts skipped over the whole run (resumes
+        included), up to the data the loader has read into batches so far (at most one
+        shuffle chunk ahead of the last batch). Saved in the state; the same at the
+        same batch whether or not the run was resumed."""
+        if self._pending is not None:
+            return self._pending["skipped_records"]
+        return self._stream.skipped_records
+
+    @property
+    def data_errors(self) -> list[dict[str, Any]]:
+        """The latest skips (at most `MAX_ERRORS_KEPT`), oldest first, each
+        {"file", "offset", "reason"}. Not saved: after a resume it holds the skips
+        read since. Data read ahead or read again after a resume appears here too."""
+        return list(self.source.errors)
+
+    def new_data_errors(self) -> list[dict[str, Any]]:
+        """The skips recorded since the last call (the latest `MAX_ERRORS_KEPT` of
+        them): what a trainer logs at each log step without repeating itself."""
+        total = self.source.errors_total
+        new = min(total - self._errors_seen, len(self.source.errors))
+        self._errors_seen = total
+        return list(self.source.errors)[len(self.source.errors) - new :]
 
     def __iter__(self) -> "PackedBatches":
         return self
 
     def __next__(self) -> torch.Tensor:
+        if self._pending is not None:
+            self._restore(self._pending)
         parts = []
         needed = self.global_batch
         while needed:
@@ -95,9 +134,12 @@ class PackedBatches:
 
         `chunk`: index of the chunk the next batch starts in; `offset`: blocks of it
         already used; `epoch`, `source`, `carry`: the token stream at that chunk's start
-        (source position, and tokens of a partly used document). `seq_len`,
-        `shuffle_chunk`, `seed`, `shuffle` are checked on load.
+        (source position, and tokens of a partly used document); `skipped_records`:
+        bad records skipped before that position. `seq_len`, `shuffle_chunk`, `seed`,
+        `shuffle` are checked on load.
         """
+        if self._pending is not None:  # loaded, not yet read: the loaded state
+            return {**self._pending, **self._layout()}
         if self._offset < len(self._chunk):
             chunk, offset, start = self._chunk_index, self._offset, self._chunk_start
         else:  # the next batch opens a new chunk where the stream stands now
@@ -105,7 +147,13 @@ class PackedBatches:
         return {"chunk": chunk, "offset": offset, **start, **self._layout()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly after `state`, re-tokenizing at most the chunk it points into."""
+        """Continue exactly after `state`, re-tokenizing at most the chunk it points into.
+
+        Only checks the layout and stores the state: the corpus is read at the next
+        batch, so a damaged file is reported there (DataError naming it) rather than
+        while a checkpoint is being loaded, where it would look like a bad checkpoint.
+        A state saved before `skipped_records` existed counts from 0.
+        """
         changed = [
             f"{key}={state[key]} (now {value})"
             for key, value in self._layout().items()
@@ -116,11 +164,19 @@ class PackedBatches:
                 f"the data-loader state was saved with {', '.join(changed)}; resuming would "
                 "not replay the same batches"
             )
-        self._stream.restore({key: state[key] for key in ("epoch", "source", "carry")})
+        self._pending = {
+            **{key: state[key] for key in ("chunk", "offset", "epoch", "source", "carry")},
+            "skipped_records": int(state.get("skipped_records", 0)),
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Apply a loaded state; this reads the corpus up to the saved position."""
+        self._stream.restore({key: state[key] for key in _STREAM_KEYS})
         self._start_at_chunk(state["chunk"])
         if state["offset"]:
             self._load_next_chunk()
             self._offset = state["offset"]
+        self._pending = None
 
     def _layout(self) -> dict[str, Any]:
         """The settings that decide which blocks form which batch."""
@@ -156,6 +212,16 @@ def _as_tokenizer(tokenizer: TextTokenizer | str | os.PathLike) -> TextTokenizer
     return tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
 
 
+class EvalBatches(list):
+    """The evaluation batches (a list of tensors), with what reading them skipped:
+    `skipped_records` (int) and `data_errors` (list of {"file", "offset", "reason"})."""
+
+    def __init__(self, batches: list[torch.Tensor], source: DocumentSource) -> None:
+        super().__init__(batches)
+        self.skipped_records: int = source.skipped
+        self.data_errors: list[dict[str, Any]] = list(source.errors)
+
+
 def build_train_batches(
     path: str | os.PathLike,
     tokenizer: TextTokenizer | str | os.PathLike,
@@ -165,15 +231,17 @@ def build_train_batches(
     world_size: int = 1,
     seed: int = 0,
     shuffle_chunk: int = DEFAULT_SHUFFLE_CHUNK,
+    on_error: OnError = "skip",
 ) -> PackedBatches:
     """Training batches from config values: `data.path`, `data.tokenizer`,
-    `training.seq_len`, `training.batch_size` (global) and `training.seed`.
+    `training.seq_len`, `training.batch_size` (global), `training.seed` and
+    `data.on_error`.
 
     Each item is this rank's share of one optimizer step; split it into micro-batches
     for gradient accumulation.
     """
     return PackedBatches(
-        open_documents(path, "train"),
+        open_documents(path, "train", on_error),
         _as_tokenizer(tokenizer),
         seq_len,
         global_batch,
@@ -193,14 +261,17 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
     split: str = "validation",
-) -> list[torch.Tensor]:
+    on_error: OnError = "skip",
+) -> EvalBatches:
     """This rank's rows of the first `num_batches` unshuffled global batches of `split`.
 
     Always the same batches, so evaluations are comparable across steps and runs;
-    fewer than `num_batches` when the split is short (data is never repeated).
+    fewer than `num_batches` when the split is short (data is never repeated). The
+    result is a list that also tells what reading it skipped (see EvalBatches).
     """
+    source = open_documents(path, split, on_error)
     batches = PackedBatches(
-        open_documents(path, split),
+        source,
         _as_tokenizer(tokenizer),
         seq_len,
         global_batch,
@@ -212,8 +283,8 @@ def eval_batches(
     )
     result = list(islice(batches, num_batches))
     if not result:
-        raise ValueError(
+        raise DataError(
             f"data.path={str(path)!r}: the {split!r} split has fewer than "
             f"{global_batch * (seq_len + 1)} tokens, not enough for one evaluation batch"
         )
-    return result
+    return EvalBatches(result, source)

@@ -1,21 +1,32 @@
 """Document sources: the texts of one split, in a fixed order, resumable from a position.
 
 A position is plain data (lists, dicts, numbers, strings) so it can go into a
-checkpoint; seeking to it skips raw records without tokenising anything.
+checkpoint. Reaching it skips raw records without tokenising anything; a local source
+does that only once iteration starts (seeking just stores the position), so a damaged
+file is reported where the data is read.
+
+Bad data (a malformed record, a truncated or non-gzip file) is handled by `on_error`:
+"skip" counts it in `skipped`, keeps the event in `errors` and warns once per file;
+"stop" raises DataError naming the file and the byte offset.
 """
 
 import gzip
 import json
 import os
 import re
+import warnings
+import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from itertools import islice
+from collections import deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, Literal
 
 Position = Any
 """Where the next document starts; None is the start of the split."""
+
+OnError = Literal["skip", "stop"]
+ON_ERROR_CHOICES = ("skip", "stop")
 
 # A file belongs to a split when its name matches one of these (C4's layout first).
 SPLIT_PATTERNS = ("c4-{split}.*", "{split}.*", "{split}-*", "{split}/*")
@@ -23,6 +34,11 @@ JSON_LINES_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 # Hub datasets that need a named configuration.
 HUB_CONFIGS = {"allenai/c4": "en"}
+# Recent data errors kept for the log: enough to see a pattern, bounded for long runs.
+MAX_ERRORS_KEPT = 100
+# What reading a damaged file raises: truncated gzip (EOFError), not gzip or a bad
+# CRC (gzip.BadGzipFile, an OSError), a corrupt deflate stream (zlib.error), I/O.
+_READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
 class DataError(ValueError):
@@ -30,13 +46,26 @@ class DataError(ValueError):
     offset) and what to do. Never a checkpoint problem."""
 
 
+class DataWarning(UserWarning):
+    """Bad data skipped under data.on_error=skip: once per file, naming file and offset."""
+
+
 class DocumentSource(ABC):
     """The documents of one split; iterating runs from the current position to the end."""
 
-    def __init__(self, description: str) -> None:
+    def __init__(self, description: str, on_error: OnError = "skip") -> None:
+        if on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"data.on_error={on_error!r} must be one of {ON_ERROR_CHOICES}")
         self.description = description
+        self.on_error = on_error
         self.skipped = 0
-        """Malformed records skipped so far (bad JSON, missing or non-string text)."""
+        """Bad data skipped so far: malformed records (bad JSON, missing or non-string
+        text) and unreadable rest-of-files (truncated or non-gzip)."""
+        self.errors: deque[dict[str, Any]] = deque(maxlen=MAX_ERRORS_KEPT)
+        """The latest skips, each {"file", "offset", "reason"}."""
+        self.errors_total = 0
+        """Skips recorded in `errors` ever, including those it no longer holds."""
+        self._warned: set[str] = set()
         # Only a pass from the start that finds nothing means the corpus is empty.
         self._from_start = True
 
@@ -55,7 +84,7 @@ class DocumentSource(ABC):
 
     @abstractmethod
     def _documents(self) -> Iterator[str]:
-        """Valid documents from the current position on, counting malformed ones."""
+        """Valid documents from the current position on, reporting bad data to `_bad`."""
 
     def __iter__(self) -> Iterator[str]:
         from_start, self._from_start = self._from_start, False
@@ -64,39 +93,75 @@ class DocumentSource(ABC):
             found = True
             yield text
         if from_start and not found:
-            raise ValueError(
-                f"{self.description} holds no documents ({self.skipped} malformed records skipped)"
+            raise DataError(
+                f"{self.description} holds no documents ({self.skipped} malformed records "
+                "or unreadable files skipped)"
+            )
+
+    def _bad(self, file: str, offset: int, reason: str, stop_message: str) -> None:
+        """Bad data at `offset` of `file` (`reason` says where, offset included, and
+        what): raise DataError(stop_message) under "stop"; under "skip" count it, keep
+        the event and warn the first time `file` has one, so a damaged shard is seen
+        once instead of flooding the log."""
+        if self.on_error == "stop":
+            raise DataError(stop_message)
+        self.skipped += 1
+        self.errors.append({"file": file, "offset": offset, "reason": reason})
+        self.errors_total += 1
+        if file not in self._warned:
+            self._warned.add(file)
+            warnings.warn(
+                f"data.on_error=skip: skipping bad data in {file}: {reason} (further "
+                "problems in this file are only counted)",
+                DataWarning,
+                stacklevel=2,
             )
 
 
-def _open_text(path: Path) -> TextIO:
-    # A stray invalid byte should cost one character, not the whole run.
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+def _byte_lines(stream: BinaryIO) -> Iterator[tuple[int, str]]:
+    """(byte offset of the line in the decompressed data, line) for every line.
+
+    Bytes are decoded line by line: a UTF-8 character never spans a newline byte, so
+    this equals decoding the whole file. A stray invalid byte costs one character.
+    """
+    offset = 0
+    for line in stream:
+        yield offset, line.decode("utf-8", errors="replace")
+        offset += len(line)
 
 
-def _paragraphs(lines: TextIO) -> Iterator[str]:
-    """Blank-line-separated paragraphs, each without its trailing newline."""
+def _paragraphs(lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+    """Blank-line-separated paragraphs (with the offset of their first line), each
+    without its trailing newline."""
     paragraph: list[str] = []
-    for line in lines:
-        if line.strip():
-            paragraph.append(line.rstrip("\n"))
-        elif paragraph:
-            yield "\n".join(paragraph)
-            paragraph = []
+    start = 0
+    for offset, line in lines:
+        if not line.strip():
+            if paragraph:
+                yield start, "\n".join(paragraph)
+                paragraph = []
+            continue
+        if not paragraph:
+            start = offset
+        paragraph.append(line.rstrip("\r\n"))
     if paragraph:
-        yield "\n".join(paragraph)
+        yield start, "\n".join(paragraph)
 
 
-def _json_text(line: str) -> str | None:
-    """The `text` field of a JSON-lines record, or None when the record is malformed."""
+def _json_text(line: str) -> tuple[str | None, str]:
+    """(the `text` field of a JSON-lines record, "") or (None, what is wrong with it)."""
     try:
         record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    text = record.get("text") if isinstance(record, dict) else None
-    return text if isinstance(text, str) else None
+    except json.JSONDecodeError as err:
+        return None, f"not JSON ({err.msg})"
+    if not isinstance(record, dict):
+        return None, f"a JSON {type(record).__name__}, not an object"
+    if "text" not in record:
+        return None, 'no "text" field'
+    text = record["text"]
+    if not isinstance(text, str):
+        return None, f'"text" is {type(text).__name__}, not a string'
+    return text, ""
 
 
 def find_split_files(folder: Path, split: str) -> list[Path]:
@@ -120,6 +185,13 @@ def find_split_files(folder: Path, split: str) -> list[Path]:
     return sorted(files)
 
 
+def _file_size(path: Path) -> str:
+    try:
+        return f"{path.stat().st_size} bytes"
+    except OSError:
+        return "size unknown"
+
+
 class LocalDocuments(DocumentSource):
     """Documents of one split of a local folder; the position is [file index, record index].
 
@@ -128,11 +200,14 @@ class LocalDocuments(DocumentSource):
     blank-line-separated paragraph, so a long book does not become one giant document.
     """
 
-    def __init__(self, path: str | os.PathLike, split: str) -> None:
-        super().__init__(f"data.path={str(path)!r} (split {split!r})")
+    def __init__(
+        self, path: str | os.PathLike, split: str, on_error: OnError = "skip"
+    ) -> None:
+        super().__init__(f"data.path={str(path)!r} (split {split!r})", on_error)
         self.files = find_split_files(Path(path).expanduser(), split)
         self._file = 0
         self._record = 0
+        self._read = 0
 
     def position(self) -> list[int]:
         return [self._file, self._record]
@@ -140,7 +215,7 @@ class LocalDocuments(DocumentSource):
     def _seek(self, position: Position) -> None:
         file, record = position if position is not None else (0, 0)
         if not 0 <= file <= len(self.files) or record < 0:
-            raise ValueError(
+            raise DataError(
                 f"saved position {position} does not fit the {len(self.files)} files of "
                 f"{self.description}; did the corpus change?"
             )
@@ -148,18 +223,62 @@ class LocalDocuments(DocumentSource):
 
     def _documents(self) -> Iterator[str]:
         while self._file < len(self.files):
-            path = self.files[self._file]
-            json_lines = path.name.endswith(JSON_LINES_SUFFIXES)
-            with _open_text(path) as lines:
-                records = lines if json_lines else _paragraphs(lines)
-                for record in islice(records, self._record, None):
-                    self._record += 1
-                    text = _json_text(record) if json_lines else record
-                    if text is None:
-                        self.skipped += 1
-                    else:
-                        yield text
+            yield from self._file_documents(self.files[self._file])
             self._file, self._record = self._file + 1, 0
+
+    def _file_documents(self, path: Path) -> Iterator[str]:
+        """The documents of `path` from record `self._record` on; an unreadable file
+        part ends the file (under "skip") once the good records before it are out."""
+        self._read = 0
+        try:
+            raw = open(path, "rb")  # noqa: SIM115 (closed below; its tell() is needed)
+        except OSError as err:
+            self._unreadable(path, 0, err)
+            return
+        with raw:
+            try:
+                stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw
+                yield from self._records(path, stream)
+            except _READ_ERRORS as err:
+                self._unreadable(path, raw.tell(), err)
+
+    def _records(self, path: Path, stream: BinaryIO) -> Iterator[str]:
+        """Records from `self._record` on; `self._read` counts every record read from
+        `path`, including those skipped over to reach a resume position."""
+        json_lines = path.name.endswith(JSON_LINES_SUFFIXES)
+        lines = _byte_lines(stream)
+        records = lines if json_lines else _paragraphs(lines)
+        for offset, record in records:
+            self._read += 1
+            if self._read <= self._record:
+                continue
+            self._record = self._read
+            text, problem = _json_text(record) if json_lines else (record, "")
+            if text is None:
+                self._malformed(path, offset, problem)
+            else:
+                yield text
+
+    def _malformed(self, path: Path, offset: int, problem: str) -> None:
+        decompressed = " of the decompressed data" if path.suffix == ".gz" else ""
+        where = f"line {self._record}, at byte {offset}{decompressed}"
+        self._bad(
+            str(path), offset, f"{where}: {problem}",
+            f"{path}: {where} is malformed: {problem}. Fix or remove that line, or set "
+            "data.on_error=skip to skip malformed records (they are counted and logged).",
+        )
+
+    def _unreadable(self, path: Path, offset: int, err: BaseException) -> None:
+        kind = "truncated or not gzip" if path.suffix == ".gz" else "unreadable"
+        what = f"{type(err).__name__}: {err}"
+        reason = (f"{kind}: reading failed at byte {offset} of the file, after record "
+                  f"{self._read} ({what}); the rest of the file is skipped")
+        self._bad(
+            str(path), offset, reason,
+            f"{path} cannot be read at byte {offset} ({_file_size(path)}), after record "
+            f"{self._read}: {what}. The file is {kind}: replace it (download it again), or set "
+            "data.on_error=skip to skip the rest of it (counted and logged).",
+        )
 
 
 class HubDocuments(DocumentSource):
@@ -169,8 +288,10 @@ class HubDocuments(DocumentSource):
     later iteration, so opening it afresh is the way back to the start.
     """
 
-    def __init__(self, name: str, split: str, config: str | None = None) -> None:
-        super().__init__(f"data.path={name!r} (split {split!r})")
+    def __init__(
+        self, name: str, split: str, config: str | None = None, on_error: OnError = "skip"
+    ) -> None:
+        super().__init__(f"data.path={name!r} (split {split!r})", on_error)
         self.name, self.split, self.config = name, split, config
         self.seek(None)
 
@@ -199,20 +320,33 @@ class HubDocuments(DocumentSource):
         self._state = position
 
     def _documents(self) -> Iterator[str]:
-        for row in self._dataset:
+        # A streamed row has no byte offset: its "offset" counts rows from where this
+        # pass began (the start of the split, or the resume position).
+        for row_index, row in enumerate(self._dataset):
             self._state = self._dataset.state_dict()
             if isinstance(row["text"], str):
                 yield row["text"]
-            else:
-                self.skipped += 1
+                continue
+            where = f"row {row_index} of this pass (split {self.split!r})"
+            problem = f'"text" is {type(row["text"]).__name__}, not a string'
+            self._bad(
+                self.name, row_index, f"{where}: {problem}",
+                f"data.path={self.name!r}: {where} is malformed: {problem}. Set "
+                "data.on_error=skip to skip malformed records (they are counted and logged).",
+            )
 
 
 def _looks_like_hub_name(path: str) -> bool:
     return re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) is not None
 
 
-def open_documents(path: str | os.PathLike, split: str) -> DocumentSource:
-    """`data.path` as a source: an existing local folder, else an `owner/name` hub dataset."""
+def open_documents(
+    path: str | os.PathLike, split: str, on_error: OnError = "skip"
+) -> DocumentSource:
+    """`data.path` as a source: an existing local folder, else an `owner/name` hub dataset.
+
+    `on_error` is `data.on_error`: what bad data (malformed records, unreadable files) does.
+    """
     if Path(path).expanduser().exists() or not _looks_like_hub_name(str(path)):
-        return LocalDocuments(path, split)
-    return HubDocuments(str(path), split, HUB_CONFIGS.get(str(path)))
+        return LocalDocuments(path, split, on_error)
+    return HubDocuments(str(path), split, HUB_CONFIGS.get(str(path)), on_error)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,11 +27,13 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group torchrun (or srun through torchrun) describes, if any.
 
     One process without WORLD_SIZE set runs without a process group. The backend is
-    nccl on CUDA and gloo on CPU.
+    nccl on CUDA and gloo on CPU. A collective that waits longer than ``timeout_s`` for
+    a rank (stopped, dead, or stuck in a different collective) fails the job instead of
+    hanging it, so torchrun or SLURM can restart it (``parallel.timeout_s``).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -41,17 +45,45 @@ def init_distributed() -> DistInfo:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank, world_size, local_rank, device)
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (identity without a process group)."""
+@dataclass(frozen=True)
+class StepVerdict:
+    """What all ranks agreed on at the end of one step's backward."""
+
+    loss: float
+    """The global mean training loss."""
+    nonfinite: bool
+    """Some rank saw an inf/NaN loss or gradient norm: every rank skips the update."""
+    stop: bool
+    """Some rank received a stop signal: every rank checkpoints and stops at this step."""
+    saving: bool
+    """Some rank is still writing a background checkpoint: nobody publishes it yet."""
+
+
+def agree_on_step(loss: torch.Tensor, *, nonfinite: bool, stop: bool,
+                  saving: bool) -> StepVerdict:
+    """One all-reduce per step that carries the loss and every flag that changes control
+    flow, so no rank acts on a decision the others have not made.
+
+    ``loss`` is this rank's mean loss (a device tensor); the flags are summed, so a flag
+    raised on any rank is raised on all. The one host copy at the end is the step's only
+    sync for these values.
+    """
+    flags = torch.tensor([nonfinite, stop, saving], dtype=torch.float32)
+    t = torch.cat([loss.detach().float().reshape(1), flags.to(loss.device)])
+    world = 1
     if dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
+        world = dist.get_world_size()
         dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
+    loss_sum, n_nonfinite, n_stop, n_saving = t.tolist()
+    # one rank's inf/NaN loss makes the sum non-finite on every rank
+    return StepVerdict(loss=loss_sum / world,
+                       nonfinite=n_nonfinite > 0 or not math.isfinite(loss_sum),
+                       stop=n_stop > 0, saving=n_saving > 0)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -145,18 +145,39 @@ class MetricsLogger:
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """Keep the rows of a metrics file with step <= ``step`` (and drop a torn last line)."""
+    """Keep the rows of a metrics file with step <= ``step`` (and drop torn lines).
+
+    Rows are appended in step order, so the rows kept are a prefix of the file, and the
+    file is cut in place: that needs no free disk space, which matters because the run
+    being resumed may have stopped on a full disk (a rewrite through a temporary copy
+    then failed with ENOSPC before training could even start). Only a file whose kept
+    rows are not a prefix (a torn line in the middle) is rewritten through a copy.
+    """
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", math.inf) <= step:
-            kept.append(line + "\n")
-    atomic_write_text(path, "".join(kept))
+    lines = path.read_bytes().splitlines(keepends=True)
+    keep = [_row_step(line) <= step for line in lines]
+    cut = keep.index(False) if False in keep else len(lines)
+    if any(keep[cut:]):
+        kept = (line if line.endswith(b"\n") else line + b"\n"
+                for line, k in zip(lines, keep, strict=True) if k)
+        atomic_write_text(path, b"".join(kept).decode())
+        return
+    if cut < len(lines):
+        os.truncate(path, sum(len(line) for line in lines[:cut]))
+    if cut and not lines[cut - 1].endswith(b"\n"):
+        with path.open("ab") as f:
+            f.write(b"\n")
+
+
+def _row_step(line: bytes) -> float:
+    """The step of a metrics row; infinity for a torn or foreign line (always dropped)."""
+    try:
+        row = json.loads(line)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return math.inf
+    value = row.get("step") if isinstance(row, dict) else None
+    return value if isinstance(value, (int, float)) else math.inf
 
 
 def write_summary(run_dir: str | Path, summary: Mapping[str, Any]) -> Path:

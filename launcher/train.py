@@ -21,7 +21,7 @@ from lotus_dist.model import MODEL_SIZES
 
 def run(cfg: Config) -> dict:
     """Train as ``cfg`` says (this process is one rank of the job); return the summary."""
-    dist_info = init_distributed()
+    dist_info = init_distributed(cfg.parallel.timeout_s)
     try:
         accum_steps = validate_world_size(cfg, dist_info.world_size)
         torch.manual_seed(cfg.training.seed)
@@ -60,9 +60,25 @@ def print_summary(summary: dict) -> None:
 
 
 def main(config_path: str | None, overrides: list[str]) -> None:
-    """Errors a user can fix (config, data, checkpoint, divergence) end the run with one
-    clear line instead of a traceback."""
+    """Errors a user can fix (config, data, checkpoint, divergence, a hung rank) end the
+    run with one clear line instead of a traceback."""
     try:
-        run(load_config(config_path, overrides))
+        cfg = load_config(config_path, overrides)
+        run(cfg)
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
         sys.exit(f"lotus-train: error: {e}")
+    except RuntimeError as e:
+        if not is_collective_timeout(e):
+            raise
+        sys.exit(f"lotus-train: error: a collective waited more than parallel.timeout_s="
+                 f"{cfg.parallel.timeout_s:g} s for another rank ({str(e).strip()}): a rank "
+                 "is stopped, dead or stuck elsewhere (see the other ranks' logs). Relaunch "
+                 "to resume from the last checkpoint; raise parallel.timeout_s if a step "
+                 "legitimately waits that long")
+
+
+def is_collective_timeout(e: BaseException) -> bool:
+    """gloo raises 'Timed out waiting ...'; NCCL's watchdog 'Watchdog caught collective
+    operation timeout' (when it raises instead of aborting the process)."""
+    text = str(e)
+    return "Timed out waiting" in text or "collective operation timeout" in text

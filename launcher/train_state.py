@@ -32,7 +32,11 @@ class TrainState:
     tokens_seen: int = 0
     """Training tokens consumed, over all ranks."""
     skipped_steps: int = 0
-    """Steps skipped for a non-finite loss or gradient."""
+    """Steps skipped for a non-finite loss or gradient, over the whole run."""
+    lr_scale: float = 1.0
+    """Learning-rate multiplier left by rollbacks (training.on_divergence=rollback)."""
+    rollbacks: int = 0
+    """Rollbacks to an earlier checkpoint after a divergence."""
     train_seconds: float = 0.0
     """Wall time spent training, over all sessions of the run."""
     initial_eval_loss: float = math.nan

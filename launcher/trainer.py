@@ -7,6 +7,7 @@ import math
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,14 @@ import torch.nn.functional as F
 
 from launcher import checkpoint
 from launcher.config import Config
-from launcher.distributed import DistInfo, all_reduce_mean, all_reduce_sum
+from launcher.distributed import DistInfo, agree_on_step, all_reduce_sum
 from launcher.engines.base import Engine
+from launcher.health import DivergenceGuard
 from launcher.metrics import MetricsLogger, write_summary
+from launcher.schedule import LRSchedule
 from launcher.train_state import JsonState, TrainState
 from lotus_dist import LotusAdamW
+from lotus_dist.optim import NonFiniteGradientError
 
 # Dense bf16 peak of the GPUs we expect, for MFU; unknown devices report no MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -29,15 +33,36 @@ class TrainingError(RuntimeError):
     """Training cannot go on (diverged, too many skipped steps)."""
 
 
+@dataclass(frozen=True)
+class StepOutcome:
+    """One optimizer step as every rank agreed on it."""
+
+    loss: float
+    """Global mean training loss."""
+    grad_norm: float
+    """Global gradient norm (nan in per-layer mode and on a skipped step)."""
+    skipped: bool
+    """The update was skipped for a non-finite loss or gradient."""
+    stop: bool
+    """A stop signal reached some rank: checkpoint and stop after this step."""
+    saving: bool
+    """A background checkpoint is still being written on some rank."""
+
+
 class Trainer:
     """Owns the built pieces and runs ``cfg.training.steps`` optimizer steps.
+
+    Every decision that changes what ranks do next (skip the update, stop on a signal,
+    publish a background checkpoint) is taken from one all-reduce per step
+    (``agree_on_step``); the divergence guard and the save policy read only agreed
+    values, so every rank saves, rolls back and stops at the same step.
 
     Args:
         engine: carries out backward, gradient sync, clipping and the update.
         train_data / eval_data: iterators of this rank's slice of each global batch.
     """
 
-    def __init__(self, cfg: Config, dist_info: DistInfo, engine: Engine, scheduler: Any,
+    def __init__(self, cfg: Config, dist_info: DistInfo, engine: Engine, scheduler: LRSchedule,
                  train_data: Any, eval_data: Any, accum_steps: int) -> None:
         self.cfg, self.dist, self.engine = cfg, dist_info, engine
         self.model, self.raw_model = engine.model, engine.raw_model
@@ -45,10 +70,16 @@ class Trainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.accum_steps = accum_steps
         self.state = TrainState()
+        t = cfg.training
+        self.guard = DivergenceGuard(t.max_skipped_steps, t.spike_factor,
+                                     cfg.checkpoint.healthy_steps)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "ckpt"
         self.device = dist_info.device
         self._stop_signal: int | None = None
+        self._pending_save: checkpoint.PendingSave | None = None
+        self._save_due = False
+        self._last_saved_step: int | None = None
         self.tokens_per_step = cfg.training.batch_size * cfg.training.seq_len
         use_bf16 = cfg.training.dtype == "bf16" or (
             cfg.training.dtype == "auto" and self.device.type == "cuda")
@@ -60,86 +91,203 @@ class Trainer:
     def checkpoint_state(self) -> dict[str, Any]:
         return {**self.engine.checkpoint_items(),
                 "lr_scheduler": self.scheduler, "dataloader": JsonState(self.train_data),
-                "train_state": self.state, "rng": checkpoint.RNGState()}
+                "train_state": self.state, "health": self.guard.state,
+                "rng": checkpoint.RNGState()}
 
     def maybe_resume(self) -> int | None:
         """Load the checkpoint ``checkpoint.resume`` names; return its step or None."""
         path = checkpoint.resolve_resume(self.ckpt_dir, self.cfg.checkpoint.resume)
         if path is None:
             return None
-        checkpoint.load(path, self.checkpoint_state())
+        self._load(path)
         self.log(f"resumed from step {self.state.step} ({path})")
+        for change in self.scheduler.changes_on_resume():
+            self.log(f"the learning-rate schedule changed on resume: {change}")
         return self.state.step
 
+    def _load(self, path: Path) -> None:
+        checkpoint.load(path, self.checkpoint_state())
+        self.scheduler.scale = self.state.lr_scale
+        self.scheduler.apply()  # the optimizer's groups came back with the saved lr
+        self.guard.forgive()
+
     def save_checkpoint(self) -> None:
-        path = checkpoint.save(self.ckpt_dir, self.state.step, self.checkpoint_state(),
-                               keep_latest=self.cfg.checkpoint.keep_latest)
+        """Save now (background when checkpoint.async), then prune what is validated."""
+        self.finish_pending_save()
+        state, step = self.checkpoint_state(), self.state.step
+        if self.cfg.checkpoint.async_:
+            self._pending_save = checkpoint.save_async(self.ckpt_dir, step, state)
+            self.log(f"writing checkpoint step-{step} in the background")
+        else:
+            path = checkpoint.save(self.ckpt_dir, step, state)
+            self.log(f"saved checkpoint {path}")
+            self._published(step)
+
+    def finish_pending_save(self) -> None:
+        """Publish the background checkpoint (collective: every rank calls it at the same
+        step, after ``agree_on_step`` said every rank has finished writing, or to wait)."""
+        if self._pending_save is None:
+            return
+        pending, self._pending_save = self._pending_save, None
+        path = pending.publish()
         self.log(f"saved checkpoint {path}")
+        self._published(pending.step)
+
+    def _published(self, step: int) -> None:
+        self._last_saved_step = step
+        self._prune(protect_from=step - self.cfg.checkpoint.healthy_steps)
+
+    def _prune(self, protect_from: int | None) -> None:
+        """Keep ``checkpoint.keep_latest`` checkpoints, plus the newest one at or before
+        ``protect_from``: a new checkpoint counts as good only once ``healthy_steps``
+        good steps followed it, and until then the last validated one stays."""
+        keep = self.cfg.checkpoint.keep_latest
+        if keep > 0:
+            checkpoint.prune(self.ckpt_dir, keep, protect_step=protect_from)
 
     # ----------------------------------------------------------------- the loop
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg.training
+        checkpoint.remove_scratch(self.ckpt_dir)
         resumed_step = self.maybe_resume()
-        metrics = MetricsLogger(self.run_dir, self.dist.rank, self.cfg.run.tensorboard,
-                                cfg.steps, resume_step=resumed_step,
-                                log_all_ranks=self.cfg.run.log_all_ranks)
+        self.metrics = self._open_metrics(resumed_step)
         self._install_signal_handlers()
         if resumed_step is None:
             initial = self.evaluate()
             self.state.initial_eval_loss = initial["eval_loss"]
             self.state.initial_eval_ppl = initial["eval_ppl"]
-            metrics.log_eval(0, initial)
+            self.metrics.log_eval(0, initial)
         train_iter = iter(self.train_data)
         window: list[float] = []
         window_start = time.perf_counter()
         last_eval: dict[str, float] = {}
+        stopped = False
         try:
             while self.state.step < cfg.steps:
                 start = time.perf_counter()
-                loss, grad_norm = self.train_step(train_iter)
+                outcome = self.train_step(train_iter)
                 self.state.step += 1
                 self.state.tokens_seen += self.tokens_per_step
                 step_time = time.perf_counter() - start
                 self.state.train_seconds += step_time
-                window.append(loss)
                 step = self.state.step
+                bad = self.guard.record(step, outcome.loss, outcome.skipped)
+                if bad and not outcome.skipped:
+                    self.log(f"step {step}: loss spike ({outcome.loss:.4f}, more than "
+                             f"training.spike_factor={cfg.spike_factor} x the recent mean "
+                             f"{self.guard.state.loss_ema:.4f})")
+                window.append(outcome.loss)
                 if step % cfg.log_interval == 0 or step == cfg.steps:
                     elapsed = time.perf_counter() - window_start
-                    row = self._train_row(window, grad_norm, len(window), elapsed)
-                    metrics.log_train(step, row, elapsed / len(window))
+                    row = self._train_row(window, outcome.grad_norm, len(window), elapsed)
+                    self.metrics.log_train(step, row, elapsed / len(window))
                     window, window_start = [], time.perf_counter()
+                if self.guard.diverged:
+                    train_iter = self._roll_back_or_stop()
+                    window, window_start = [], time.perf_counter()
+                    continue
+                if self._pending_save is not None and not outcome.saving:
+                    self.finish_pending_save()
                 ev_interval = self.cfg.eval.interval
                 if (ev_interval and step % ev_interval == 0) or step == cfg.steps:
                     last_eval = self.evaluate()
-                    metrics.log_eval(step, last_eval)
+                    self.metrics.log_eval(step, last_eval)
                     window_start = time.perf_counter()  # eval time is not step time
-                ck_interval = self.cfg.checkpoint.interval
-                if self._stop_signal is not None or (ck_interval and step % ck_interval == 0) \
-                        or step == cfg.steps:
-                    self.save_checkpoint()
+                if self._checkpoint_if_due(step, outcome.stop):
                     window_start = time.perf_counter()
-                if self._stop_signal is not None:
-                    self.log(f"stopping at step {step} on signal {self._stop_signal} "
-                             "(checkpoint written; relaunch to resume)")
+                if outcome.stop:
+                    stopped = True
                     break
-            if not last_eval and self._stop_signal is None:  # resumed a finished run
+            self.finish_pending_save()
+            if stopped:
+                why = (f"on signal {self._stop_signal}" if self._stop_signal is not None
+                       else "on a stop signal another rank received")
+                self.log(f"stopping at step {self.state.step} {why} (relaunch to resume from "
+                         f"{checkpoint.find_latest(self.ckpt_dir) or 'the start'})")
+            if self._last_saved_step is not None:
+                self._prune(protect_from=None)
+            if not last_eval and not stopped:  # resumed a finished run
                 self.log(f"the run had already reached training.steps={cfg.steps}")
                 last_eval = self.evaluate()
         finally:
-            metrics.close()
+            self.metrics.close()
         summary = self._summary(last_eval)
         if self.dist.is_main:
             write_summary(self.run_dir, summary)
         return summary
 
-    def train_step(self, train_iter: Iterator[torch.Tensor]) -> tuple[float, float]:
+    def _checkpoint_if_due(self, step: int, stop: bool) -> bool:
+        """Save at the interval, the last step and on a stop, but only while the guard says
+        the recent steps were good: a save that is due otherwise waits for health to
+        return (or, on a stop or the last step, is not written). Returns True if it saved."""
+        interval = self.cfg.checkpoint.interval
+        due = (interval and step % interval == 0) or step == self.cfg.training.steps or stop
+        self._save_due = self._save_due or bool(due)
+        if self._save_due and self.guard.may_save(step):
+            self._save_due = False
+            self.save_checkpoint()
+            return True
+        if due:
+            self.log(f"step {step}: checkpoint withheld, the last "
+                     f"checkpoint.healthy_steps={self.cfg.checkpoint.healthy_steps} steps were "
+                     f"not all good (bad step {self.guard.state.last_bad_step})")
+        if (self._last_saved_step is not None
+                and step - self._last_saved_step == self.cfg.checkpoint.healthy_steps):
+            self._prune(protect_from=self._last_saved_step)  # the newest is validated now
+        return False
+
+    def _roll_back_or_stop(self) -> Iterator[torch.Tensor]:
+        """Too many bad steps in a row. The checkpoint at step s holds the weights after
+        update s, which the loss of step s + 1 first tests, so only checkpoints before the
+        step preceding the first bad one are trusted. ``stop`` sets newer ones aside (so a
+        relaunch resumes from a trusted one) and raises; ``rollback`` reloads the newest
+        trusted one with the learning rate scaled down and returns a fresh data iterator."""
+        t, step = self.cfg.training, self.state.step
+        first_bad = self.guard.streak_start
+        self.finish_pending_save()
+        set_aside = checkpoint.set_aside(self.ckpt_dir, from_step=first_bad - 1)
+        if set_aside:
+            self.log(f"set aside checkpoints from after the divergence began: "
+                     f"{', '.join(p.name for p in set_aside)}")
+        trusted = checkpoint.find_latest(self.ckpt_dir)
+        what = (f"{self.guard.state.bad_streak} bad steps in a row (non-finite or spiking "
+                f"loss) up to step {step}, more than training.max_skipped_steps="
+                f"{t.max_skipped_steps}")
+        if t.on_divergence == "stop" or self.state.rollbacks >= t.max_rollbacks or not trusted:
+            where = (f"it resumes from {trusted}" if trusted
+                     else "no checkpoint precedes the divergence, so it starts afresh")
+            reason = (f"; {self.state.rollbacks} rollback(s) did not help"
+                      if self.state.rollbacks else "")
+            hint = "; or set training.on_divergence=rollback" if t.on_divergence == "stop" else ""
+            raise TrainingError(
+                f"the run diverged: {what}{reason}. Lower optim.lr (the new value applies on "
+                f"resume) or raise training.warmup_steps and relaunch: {where}{hint}")
+        skipped, rollbacks = self.state.skipped_steps, self.state.rollbacks
+        lr_scale = self.state.lr_scale * t.rollback_lr_factor
+        self._load(trusted)
+        self.state.skipped_steps, self.state.rollbacks = skipped, rollbacks + 1
+        self.state.lr_scale = self.scheduler.scale = lr_scale
+        self.scheduler.apply()
+        self.log(f"the run diverged at step {step} ({what}); rolled back to step "
+                 f"{self.state.step} ({trusted}) with the learning rate x{lr_scale:g} "
+                 f"(rollback {rollbacks + 1} of training.max_rollbacks={t.max_rollbacks})")
+        self.metrics.close()
+        self.metrics = self._open_metrics(self.state.step)
+        self._save_due, self._last_saved_step = False, self.state.step
+        return iter(self.train_data)
+
+    def _open_metrics(self, resume_step: int | None) -> MetricsLogger:
+        return MetricsLogger(self.run_dir, self.dist.rank, self.cfg.run.tensorboard,
+                             self.cfg.training.steps, resume_step=resume_step,
+                             log_all_ranks=self.cfg.run.log_all_ranks)
+
+    def train_step(self, train_iter: Iterator[torch.Tensor]) -> StepOutcome:
         """One optimizer step over this rank's slice of one global batch.
 
-        Returns the global mean loss and the gradient norm (nan in per-layer mode, where
-        gradients are consumed inside backward). A non-finite loss or gradient skips
-        the update (the data and the schedule still advance, so a resumed run stays
-        aligned) and is counted; too many stop the run.
+        A non-finite loss or gradient on any rank skips the update on every rank (the
+        data and the schedule still advance, so a resumed run stays aligned), or stops the
+        run when ``optim.nonfinite=raise``.
         """
         self.model.train()
         batch = next(train_iter).to(self.device, non_blocking=True)
@@ -152,23 +300,28 @@ class Trainer:
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), micro[:, 1:].flatten())
                 self.engine.backward(loss / self.accum_steps)
             loss_sum += loss.detach()
-        loss = float(all_reduce_mean(loss_sum / self.accum_steps))
-        grad_norm = self.engine.clip_grad_norm(self.cfg.training.grad_clip)
         skipped_before = getattr(self.optimizer, "skipped_steps", 0)
-        if math.isfinite(loss) and (self.engine.per_layer or math.isfinite(grad_norm)):
+        try:
+            grad_norm = self.engine.clip_grad_norm(self.cfg.training.grad_clip)
+        except NonFiniteGradientError as e:  # agreed by every rank inside prepare()
+            raise TrainingError(f"step {self.state.step + 1}: {e}") from None
+        nonfinite = not self.engine.per_layer and not math.isfinite(grad_norm)
+        saving = self._pending_save is not None and not self._pending_save.done()
+        verdict = agree_on_step(loss_sum / self.accum_steps, nonfinite=nonfinite,
+                                stop=self._stop_signal is not None, saving=saving)
+        if verdict.nonfinite and self.cfg.optim.nonfinite == "raise":
+            raise TrainingError(
+                f"step {self.state.step + 1}: non-finite loss or gradient norm (loss "
+                f"{verdict.loss}, gradient norm {grad_norm}) and optim.nonfinite=raise; lower "
+                "optim.lr, or set optim.nonfinite=skip to skip such steps")
+        if not verdict.nonfinite:
             self.engine.optimizer_step()
-        else:
-            self.state.skipped_steps += 1
-        self.state.skipped_steps += getattr(self.optimizer, "skipped_steps", 0) - skipped_before
+        skipped = verdict.nonfinite or getattr(self.optimizer, "skipped_steps", 0) > skipped_before
+        self.state.skipped_steps += skipped
         self.scheduler.step()
         self.engine.zero_grad()
-        if self.state.skipped_steps > self.cfg.training.max_skipped_steps:
-            raise TrainingError(
-                f"{self.state.skipped_steps} steps skipped for non-finite loss or gradients "
-                f"(more than training.max_skipped_steps={self.cfg.training.max_skipped_steps}); "
-                "the run has diverged: lower optim.lr or raise training.warmup_steps, then "
-                "resume from the last checkpoint")
-        return loss, grad_norm
+        return StepOutcome(loss=verdict.loss, grad_norm=grad_norm, skipped=skipped,
+                           stop=verdict.stop, saving=verdict.saving)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -202,7 +355,11 @@ class Trainer:
             "tokens_per_s": tokens_per_s, "grad_norm": grad_norm,
             "peak_memory_gb": peak_memory_bytes(self.device) / 2**30,
             "skipped_steps": self.state.skipped_steps,
+            "skipped_records": self.train_data.skipped_records,
         }
+        for error in self.train_data.new_data_errors():
+            self.log(f"data: skipped {error['reason']} in {error['file']} at byte "
+                     f"{error['offset']} (data.on_error=skip)")
         mfu = self._mfu(tokens_per_s)
         if mfu is not None:
             row["mfu"] = mfu
@@ -232,6 +389,9 @@ class Trainer:
             "tokens_per_s": self.state.tokens_seen / max(self.state.train_seconds, 1e-9),
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "skipped_steps": self.state.skipped_steps,
+            "skipped_records": self.train_data.skipped_records,
+            "eval_skipped_records": self.eval_data.skipped_records,
+            "rollbacks": self.state.rollbacks,
             "world_size": self.dist.world_size,
             "refreshes_per_matrix": {k: v["refresh_count"] for k, v in telemetry.items()},
             "engine": self.engine.name,
@@ -243,12 +403,18 @@ class Trainer:
             print(message, flush=True)
 
     def _install_signal_handlers(self) -> None:
-        """SIGUSR1 (SLURM's warning before a time limit) and SIGTERM checkpoint and stop at
-        the end of the current step."""
+        """SIGUSR1 (SLURM's warning before a time limit), SIGTERM and a first Ctrl-C (SIGINT)
+        checkpoint and stop at the end of the current step; all ranks stop at the same step
+        (``agree_on_step``). A second Ctrl-C stops at once."""
         def handler(signum: int, _frame: Any) -> None:
+            if signum == signal.SIGINT and self._stop_signal is not None:
+                raise KeyboardInterrupt
             self._stop_signal = signum
+            if signum == signal.SIGINT:
+                print("interrupted: checkpointing at the end of this step (Ctrl-C again to "
+                      "stop at once)", flush=True)
 
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread
                 signal.signal(sig, handler)
 

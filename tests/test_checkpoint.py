@@ -20,6 +20,7 @@ from launcher.checkpoint import (
     resolve_resume,
     save,
 )
+from lotus_dist.data import DataError
 
 
 def make_model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -285,3 +286,34 @@ def test_checkpoint_saved_on_two_ranks_loads_in_one_process(tmp_path):
     assert marker["world_size"] == 2
     assert_same_tensors(target["model"], expected["model"])
     assert target["train_state"] == expected["train_state"]
+
+
+class BrokenData:
+    """A data loader state whose load fails because of the data (not the checkpoint)."""
+
+    def state_dict(self) -> dict:
+        return {"position": 3}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        raise DataError("shard c4-train.00003.json.gz is unreadable at byte 123")
+
+
+def test_data_error_while_loading_is_not_blamed_on_the_checkpoint(tmp_path):
+    path = save(tmp_path, 1, {"dataloader": BrokenData()})
+    with pytest.raises(DataError, match=r"c4-train\.00003") as info:
+        load(path, {"dataloader": BrokenData()})
+    assert not isinstance(info.value, CheckpointError)
+    assert "Delete it" not in str(info.value)
+
+
+def test_remove_scratch_deletes_crashed_saves_but_restores_a_lone_old_copy(tmp_path):
+    keep = save_step(tmp_path, 1)
+    lone = save_step(tmp_path, 4)
+    os.replace(lone, tmp_path / "step-4.old")  # a re-save of step 4 died between renames
+    for name in ("step-5.tmp", "step-1.old"):
+        (tmp_path / name).mkdir()
+    checkpoint.remove_scratch(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1", "step-4"]
+    assert find_latest(tmp_path) == lone
+    load(keep, full_state(1, 0)[0])
+    load(lone, full_state(1, 0)[0])

@@ -71,8 +71,9 @@ def generate_batches(cfg: Config, count: int) -> tuple[torch.Tensor, int]:
     if Path(d.path) == SAMPLE_DIR:
         ensure_sample_assets(d.path, d.tokenizer, vocab_size=d.tokenizer_vocab_size)
     tokenizer = load_tokenizer(d.tokenizer)
-    batches = PackedBatches(open_documents(d.path, "train"), tokenizer, t.seq_len, t.batch_size,
-                            seed=t.seed, shuffle_chunk=d.shuffle_chunk, shuffle=d.shuffle)
+    batches = PackedBatches(open_documents(d.path, "train", d.on_error), tokenizer, t.seq_len,
+                            t.batch_size, seed=t.seed, shuffle_chunk=d.shuffle_chunk,
+                            shuffle=d.shuffle)
     return torch.stack([next(batches) for _ in range(count)]), model_vocab_size(cfg, tokenizer)
 
 
@@ -137,7 +138,7 @@ def _serve(conn: Connection, cfg: Config, batches_path: str, device: torch.devic
             optimizer_seconds[0] = 0.0
             _sync(device)
             start = time.perf_counter()
-            loss, _ = trainer.train_step(data)
+            loss = trainer.train_step(data).loss
             _sync(device)
             rows.append((time.perf_counter() - start, _refresh_total(optimizer) - before,
                          optimizer_seconds[0]))

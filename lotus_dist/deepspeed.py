@@ -35,7 +35,8 @@ from lotus_dist.optim import LotusAdamW
 #: Group keys that describe members rather than hyperparameters.
 _MEMBER_KEYS = ("params", "param_names")
 #: Columns of the telemetry table that ``sync_telemetry`` reduces.
-_TELEMETRY_FIELDS = ("refresh_count", "steps_since_refresh", "switch_metric", "energy")
+_TELEMETRY_FIELDS = ("refresh_count", "steps_since_refresh", "switch_metric", "energy",
+                     "refresh_interval_min", "refresh_interval_mean", "refresh_interval_max")
 
 
 class PartitionLayoutError(ValueError):

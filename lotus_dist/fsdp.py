@@ -7,7 +7,8 @@ columns). FSDP2 shards it along the dimension it keeps where it can, and then:
 * the projection of a local shard is the matching shard of R (rows of G Q, columns of
   P^T G): no communication, and R, Adam's moments and the update are sharded like G;
 * the refresh is a randomized SVD of a column-sharded A (A = G or G^T, see
-  ``RsvdComm``): (d x l) sketch all-reduces plus one (l x l) Gram all-reduce.
+  ``RsvdComm``): (d x l) sketch all-reduces plus (l x l) fp64 Gram all-reduces (one per
+  power iteration, one for the final small eigenproblem).
 
 FSDP2 (torch 2.13) shards unevenly only on dim 0, so a left-projected matrix whose n the
 world size does not divide is sharded on dim 0, the dimension it compresses. Each rank

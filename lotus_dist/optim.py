@@ -22,6 +22,7 @@ from lotus_dist.comm import LocalComm, local_view, partial_dot
 from lotus_dist.projection import (
     PROJ_TYPES,
     PROJECTIONS,
+    align_signs,
     grassmann_step,
     projected_dim,
     projection_side,
@@ -30,7 +31,7 @@ from lotus_dist.projection import (
     rsvd_basis,
     svd_basis,
 )
-from lotus_dist.switching import SWITCH_POLICIES
+from lotus_dist.switching import SWITCH_POLICIES, ConsumedGrad
 
 MOMENTS = ("keep", "reset", "rotate")
 NONFINITE = ("skip", "raise")
@@ -49,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     # Lotus keys
     "projection": "rsvd",
     "switch": "displacement",
-    # None: 0.01 for displacement (paper: 0.005-0.02), 0.5 for path_efficiency
+    # None: 0.01 for (momentum_)displacement (paper: 0.005-0.02), 0.5 for path_efficiency
     "gamma": None,
     "verify_gap": 50,
     "min_gap": 0,
@@ -61,7 +62,8 @@ DEFAULTS: dict[str, Any] = {
     "walk_step": 0.5,
 }
 _GROUP_KEYS = {*DEFAULTS, "params", "param_names", "rank", "initial_lr"}
-_DEFAULT_GAMMA = {"fixed": 0.01, "displacement": 0.01, "path_efficiency": 0.5}
+_DEFAULT_GAMMA = {"fixed": 0.01, "displacement": 0.01, "momentum_displacement": 0.01,
+                  "path_efficiency": 0.5}
 
 class NonFiniteGradientError(RuntimeError):
     """Raised when ``nonfinite="raise"`` and a gradient holds inf or NaN."""
@@ -178,14 +180,18 @@ class LotusAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def scale_consumed_grads(self, factor: float) -> None:
-        """Multiply what the update consumes by ``factor`` (clipping)."""
+        """Multiply what the update consumes by ``factor`` (clipping).
+
+        R is linear in G, so scaling both R and the gradient of a projected matrix is the
+        same as having projected ``factor * G``: the recovery residual G - back(R), the
+        captured energy and path efficiency's unit gradients all see the clipped G.
+        """
         for r in self._lowrank.values():
             r.mul_(factor)
         for group in self.param_groups:
-            if "rank" not in group:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.mul_(factor)
+            for p in group["params"]:
+                if p.grad is not None:
+                    local_view(p.grad).mul_(factor)
 
     def _on_nonfinite(self, where: str) -> None:
         if self.nonfinite == "raise":
@@ -204,14 +210,20 @@ class LotusAdamW(torch.optim.Optimizer):
                 _adamw_update(group, p, self.state[p])
         if not lowrank:
             return
-        full = self.comm.exposes_full_grad
-        stats = [SWITCH_POLICIES[g["switch"]].stats(g, self.state[p], r, p.grad if full else None)
-                 for g, p, r in lowrank]
+        grads = [self._consumed_grad(g, p) for g, p, _ in lowrank]
+        stats = [SWITCH_POLICIES[g["switch"]].stats(g, self.state[p], r, grad)
+                 for (g, p, r), grad in zip(lowrank, grads)]
         reduced = self._reduce_stats(stats)
-        for (group, p, r), s in zip(lowrank, reduced):
-            SWITCH_POLICIES[group["switch"]].decide(group, self.state[p], r,
-                                                    p.grad if full else None, s)
+        for (group, p, r), grad, s in zip(lowrank, grads, reduced):
+            SWITCH_POLICIES[group["switch"]].decide(group, self.state[p], r, grad, s)
             self._lowrank_adam_update(group, p, r)
+
+    def _consumed_grad(self, group: dict, p: torch.Tensor) -> ConsumedGrad:
+        """What a switch policy may read of ``p``'s gradient (nothing under low-rank DDP)."""
+        if not self.comm.exposes_full_grad:
+            return ConsumedGrad(None)
+        side = projection_side(p.shape, group["proj_type"])
+        return ConsumedGrad(p.grad, lambda basis: self.comm.lowrank_grad(p, basis, side))
 
     def _reduce_stats(self, stats: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         present = [s for s in stats if s is not None]
@@ -249,18 +261,27 @@ class LotusAdamW(torch.optim.Optimizer):
         else:
             basis = grassmann_step(state["basis"], group["walk_step"], gen)
         if "basis" in state:
+            if kind != "svd":  # exact SVD keeps GaLore's own signs
+                basis = align_signs(basis, state["basis"])
             self._carry_moments(group, state, state["basis"], basis, side)
+            _record_interval(state, state["steps_since_refresh"])
+        else:
+            state.update(refresh_intervals=0, interval_sum=0, interval_min=0, interval_max=0)
         state["basis"] = basis
         state["refresh_count"] = count + 1
         state["steps_since_refresh"] = 1
         state["refresh_pending"] = False
         state.setdefault("energy", math.nan)
         state.setdefault("switch_metric", math.nan)
+        SWITCH_POLICIES[group["switch"]].on_refresh(
+            group, state, refresh_generator(self.seed, self._index[p], count, grad.device,
+                                            stream=1))
 
     def _carry_moments(self, group: dict, state: dict, old: torch.Tensor, new: torch.Tensor,
                        side: str) -> None:
-        """Adam moments across a refresh: keep (GaLore), reset, or rotate (GrassWalk AO)."""
-        if "exp_avg" not in state or group["moments"] == "keep":
+        """Adam moments across a refresh: keep (GaLore), reset, or rotate (GrassWalk AO,
+        in LDAdam's bias-corrected form; see ``rotate_moments``)."""
+        if "exp_avg" not in state or group["moments"] == "keep" or state["step"] == 0:
             return
         m, v = local_view(state["exp_avg"]), local_view(state["exp_avg_sq"])
         if group["moments"] == "reset":
@@ -268,7 +289,8 @@ class LotusAdamW(torch.optim.Optimizer):
             v.zero_()
             state["step"] = 0  # restart bias correction with the moments
             return
-        m_new, v_new = rotate_moments(m, v, old, new, side)
+        bias1, bias2 = _bias_corrections(group, state["step"])
+        m_new, v_new = rotate_moments(m, v, old, new, side, bias1=bias1, bias2=bias2)
         m.copy_(m_new)
         v.copy_(v_new)
 
@@ -280,13 +302,14 @@ class LotusAdamW(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(r)
             state["exp_avg_sq"] = torch.zeros_like(r)
         norm_r = _adam_direction(group, state, r)
-        update = self.comm.project_back(p, norm_r, state["basis"], side)
+        update = self.comm.project_back(p, norm_r, state["basis"], side).mul_(group["scale"])
         if group["recovery_scaling"]:
+            # Fira adds the residual term without GaLore's scale (docs/algorithm.md)
             residual = local_view(p.grad).float() - self.comm.project_back(p, r, state["basis"],
                                                                             side)
             update += _recovery_term(group, state, residual, local_view(r), local_view(norm_r),
                                      side, self.comm)
-        _apply_update(group, p, state, update.mul_(group["scale"]))
+        _apply_update(group, p, state, update)
 
     # ----------------------------------------------------------------- per-layer mode
 
@@ -343,16 +366,22 @@ class LotusAdamW(torch.optim.Optimizer):
         self.skipped_steps = int(extra.get("skipped_steps", 0))
 
     def telemetry(self) -> dict[str, dict[str, float]]:
-        """Per projected matrix: refresh count, steps since refresh, last switch metric
-        (displacement or rho) and captured energy ||R||/||G||, keyed by parameter name."""
+        """Per projected matrix, keyed by parameter name: refresh count, steps since
+        refresh, last switch metric (displacement or rho), captured energy ||R||/||G||, and
+        the spread of the intervals between its refreshes (min, mean, max steps; NaN
+        before the second refresh). All plain numbers."""
         out = {}
         for name, p in self._projected_with_basis():
             state = self.state[p]
+            n = state.get("refresh_intervals", 0)
             out[name] = {
                 "refresh_count": state["refresh_count"],
                 "steps_since_refresh": state["steps_since_refresh"],
                 "switch_metric": state["switch_metric"],
                 "energy": state["energy"],
+                "refresh_interval_min": float(state["interval_min"]) if n else math.nan,
+                "refresh_interval_mean": state["interval_sum"] / n if n else math.nan,
+                "refresh_interval_max": float(state["interval_max"]) if n else math.nan,
             }
         return out
 
@@ -404,20 +433,52 @@ def _validate_projected_group(group: dict) -> None:
 
 
 def rotate_moments(m: torch.Tensor, v: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
-                   side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Express Adam moments of basis ``old`` in basis ``new`` (GrassWalk's adaptive optimizer).
+                   side: str, *, bias1: float = 1.0,
+                   bias2: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Express Adam moments of basis ``old`` in basis ``new`` (GrassWalk's adaptive
+    optimizer, in LDAdam's bias-corrected form).
 
-    Coordinates map by C = B_new^T B_old. The second moment treats coordinates as
-    independent: E[(Cg)_i^2] = sum_j C_ij^2 Var_j + (C E[g])_i^2 with Var = v - m^2, which
-    keeps v >= m^2 >= 0 and reduces to a permutation when the new basis permutes the old.
+    ``bias1 = 1 - beta1^t`` and ``bias2 = 1 - beta2^t`` (1 without bias correction). The
+    estimates m_hat = m / bias1 and v_hat = v / bias2 are what Adam reads; with
+    C = B_new^T B_old the gradient's coordinates map as g' = C g, so
+
+        m_hat' = C m_hat
+        v_hat' = (C * C) (v_hat - m_hat^2)^+ + m_hat'^2
+
+    (the variance of the rotated estimate, coordinates taken as independent, plus its
+    squared mean: v' >= m'^2 >= 0, and a permutation of the basis permutes the moments).
+    They are re-biased, m' = bias1 m_hat' and v' = bias2 v_hat', so the next
+    bias-corrected read returns the rotated estimates. Rotating the raw moments instead
+    mixes a mean and a variance of different bias: at t = 1, (v - m^2)^+ is 0 for
+    beta1 = 0.9 however large the variance.
     """
     c = new.T @ old
-    var = (v - m * m).clamp_min(0)
+    m_hat, v_hat = m / bias1, v / bias2
+    var = (v_hat - m_hat * m_hat).clamp_min(0)
     if side == "left":  # coordinates index the rows of R (r, n)
-        m_new = c @ m
-        return m_new, (c * c) @ var + m_new * m_new
-    m_new = m @ c.T  # coordinates index the columns of R (m, r)
-    return m_new, var @ (c * c).T + m_new * m_new
+        m_new = c @ m_hat
+        v_new = (c * c) @ var + m_new * m_new
+    else:  # coordinates index the columns of R (m, r)
+        m_new = m_hat @ c.T
+        v_new = var @ (c * c).T + m_new * m_new
+    return m_new * bias1, v_new * bias2
+
+
+def _bias_corrections(group: dict, step: int) -> tuple[float, float]:
+    """(1 - beta1^t, 1 - beta2^t), or (1, 1) where the group does not correct bias."""
+    if not group["correct_bias"]:
+        return 1.0, 1.0
+    beta1, beta2 = group["betas"]
+    return 1.0 - beta1 ** step, 1.0 - beta2 ** step
+
+
+def _record_interval(state: dict, interval: int) -> None:
+    """Add the lifetime of the basis being replaced to the refresh-interval statistics."""
+    n = state.get("refresh_intervals", 0)
+    state["interval_min"] = interval if n == 0 else min(state["interval_min"], interval)
+    state["interval_max"] = max(state.get("interval_max", 0), interval)
+    state["interval_sum"] = state.get("interval_sum", 0) + interval
+    state["refresh_intervals"] = n + 1
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -439,10 +500,8 @@ def _adam_direction(group: dict, state: dict, grad: torch.Tensor) -> torch.Tenso
 def _apply_update(group: dict, p: torch.Tensor, state: dict, direction: torch.Tensor) -> None:
     """p -= step_size * direction, then decoupled weight decay, as GaLore's AdamW."""
     lr = group["lr"]
-    step_size = lr
-    if group["correct_bias"]:
-        beta1, beta2 = group["betas"]
-        step_size = lr * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+    bias1, bias2 = _bias_corrections(group, state["step"])
+    step_size = lr * math.sqrt(bias2) / bias1
     p = local_view(p)  # a sharded parameter updates its local shard, in place
     p.add_(local_view(direction).to(p.dtype), alpha=-step_size)
     if group["weight_decay"] > 0.0:

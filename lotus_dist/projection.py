@@ -58,14 +58,16 @@ def project_back(low_rank: torch.Tensor, basis: torch.Tensor, side: str) -> torc
 
 
 def refresh_generator(seed: int, param_index: int, refresh_count: int,
-                      device: torch.device | str = "cpu") -> torch.Generator:
+                      device: torch.device | str = "cpu", stream: int = 0) -> torch.Generator:
     """A generator that is a pure function of (seed, parameter index, refresh count).
 
     Every rank draws the same test matrix without communicating, and a resumed run draws
     the same numbers as one that never stopped. The three integers are mixed with
-    splitmix64 so that neighbouring indices give unrelated streams.
+    splitmix64 so that neighbouring indices give unrelated streams. ``stream`` selects an
+    independent stream for a second use at the same refresh (0 is the basis's own).
     """
-    x = (seed * 0x9E3779B97F4A7C15 + param_index * 0xBF58476D1CE4E5B9 + refresh_count) & (2**64 - 1)
+    x = (seed * 0x9E3779B97F4A7C15 + param_index * 0xBF58476D1CE4E5B9 + refresh_count
+         + stream * 0xD1B54A32D192ED03) & (2**64 - 1)
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
     x ^= x >> 31
@@ -100,20 +102,20 @@ class RsvdComm:
     """Where a distributed rSVD reduces (all identity in one process).
 
     With A (d x k) the oriented gradient, the algorithm forms d x l sketches (A Omega,
-    A Z), k x l co-sketches (A^T Q) and the l x l Gram of B = Q^T A:
+    A Z), k x l co-sketches (A^T Q) and l x l Gram matrices (Z^T Z, B B^T):
 
     * A sharded over its k columns (FSDP, shard on the kept dimension): ``sketch`` and
       ``gram`` sum over shards; the co-sketch rows stay local. ``columns`` names this
       shard's columns of A, hence its rows of the shared Omega.
     * A sharded over its d rows (FSDP, shard on the compressed dimension): ``sketch``
-      gathers the rows of each shard, ``cosketch`` sums over shards and the Gram is
+      gathers the rows of each shard, ``cosketch`` sums over shards and the Grams are
       then local. ``rows`` names this shard's rows of A, hence its rows of Q.
     * A replicated per rank, the target being the rank mean (DDP): ``sketch`` and
-      ``cosketch`` average over ranks and the Gram is then local.
+      ``cosketch`` average over ranks and the Grams are then local.
 
-    Every collective is a (d or k) x l sketch or the l x l Gram, never a full gradient.
-    ``shape`` is the (d, k) of the whole A where a shard is passed: the sketch width and
-    Omega are drawn for it, so every world size draws the same numbers.
+    Every collective is a (d or k) x l sketch or an l x l Gram (fp64), never a full
+    gradient. ``shape`` is the (d, k) of the whole A where a shard is passed: the sketch
+    width and Omega are drawn for it, so every world size draws the same numbers.
     """
 
     sketch: Reduce = _identity
@@ -141,12 +143,25 @@ def rsvd_basis(
 ) -> torch.Tensor:
     """Top-``rank`` basis by randomized SVD with power iterations (Lotus Algorithm 1).
 
-    With A = G (left) or G^T (right), of shape (d, k): Y = A Omega with a Gaussian
-    Omega of k x (rank + oversample); q power iterations Y <- A (A^T orth(Y)) raise the
-    spectrum to the power 2q + 1 (Lotus eq. 1); then B = Q^T A and the eigenvectors of
-    the small Gram B B^T rotate Q onto the top singular directions. A caller holding a
-    shard of A says in ``comm`` where to reduce and which part of A it holds (or passes
-    its rows of ``omega`` itself).
+    With A = G (left) or G^T (right), of shape (d, k), and l = rank + oversample:
+
+    1. Y = A Omega with a Gaussian Omega (k x l); Q = orth(Y).
+    2. q times (randomized subspace iteration, Halko et al. 2011, Algorithm 4.4):
+       Z = orth(A^T Q), Q = orth(A Z). Each product sees the spectrum once, so the
+       iterate spans A (A^T A)^q Omega (Lotus eq. 1: singular values to the power 2q+1)
+       while rounding never has to resolve sigma_i^2 / sigma_1^2 in fp32. Forming
+       A A^T Q without the intermediate orth loses every direction whose squared
+       singular-value ratio is below fp32's epsilon.
+    3. B^T = A^T Q (k x l); the left singular vectors of B are the eigenvectors of the
+       l x l Gram B B^T, formed and solved in fp64: in fp32 that Gram would square the
+       condition number and lose the directions with sigma_i / sigma_1 below ~3e-4.
+       The basis is Q times the top ``rank`` eigenvectors.
+
+    The big products run in fp32 whatever the gradient dtype; only l x l matrices (and
+    the co-sketch on its way into a Gram) are fp64. A caller holding a shard of A says in
+    ``comm`` where to reduce and which part of A it holds (or passes its rows of
+    ``omega`` itself). Column signs follow ``canonical_signs``; the optimizer then aligns
+    them with the previous basis (``align_signs``).
     """
     a = _oriented(grad, side)
     d, k = comm.shape or a.shape
@@ -157,27 +172,72 @@ def rsvd_basis(
             omega = omega[comm.columns]
     y = comm.sketch(a @ omega)
     for _ in range(power_iters):
-        q = orthonormalize(y)
-        y = comm.sketch(a @ comm.cosketch(a.T @ comm.own_rows(q)))
+        z = comm.cosketch(a.T @ comm.own_rows(orthonormalize(y)))
+        y = comm.sketch(a @ _gram_orthonormalize(z, comm.gram))
     q = orthonormalize(y)
-    b = comm.cosketch((a.T @ comm.own_rows(q)).T)
-    gram = comm.gram(b @ b.T)
-    _, evecs = torch.linalg.eigh(gram)  # ascending eigenvalues
-    top = evecs[:, -rank:].flip(-1)
-    return (q @ _fix_signs(top)).contiguous()
+    bt = comm.cosketch(a.T @ comm.own_rows(q))  # B^T, k x l
+    _, evecs = torch.linalg.eigh(comm.gram(_gram64(bt)))  # ascending eigenvalues
+    top = evecs[:, -rank:].flip(-1).to(q.dtype)
+    return canonical_signs(q @ top).contiguous()
 
 
-def _fix_signs(vectors: torch.Tensor) -> torch.Tensor:
+def _gram64(x: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """X^T X in fp64 for an fp32 X (k x l), converting ``rows`` rows at a time so that
+    the fp64 workspace stays at rows x l, not k x l."""
+    out = x.new_zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    for part in x.split(rows):
+        part = part.double()
+        out.addmm_(part.T, part)
+    return out
+
+
+def _gram_orthonormalize(z: torch.Tensor, gram: Reduce) -> torch.Tensor:
+    """Columns spanning those of ``z`` (k x l, its rows possibly sharded), orthonormal.
+
+    Shifted Cholesky-QR (Fukaya et al. 2020) through the fp64 Gram Z^T Z, which ``gram``
+    sums over shards: with Z scaled to unit Frobenius norm, Z R^-1 where
+    R^T R = Z^T Z + l eps64 I. The shift keeps the factorisation defined when Z is rank
+    deficient (a gradient of rank < l): those columns come out short instead of blowing
+    up, and R^-1 stays below 1 / sqrt(l eps64) ~ 2e7, well inside fp32. In fp64 the Gram
+    resolves singular-value ratios down to ~1e-7, as far as fp32 data carries them. R^-1
+    is applied in fp32: its rounding lands in the k-space of Z and reaches the sketch
+    only through A, which damps it like any direction outside the top ones.
+    """
+    g = gram(_gram64(z))
+    trace = float(g.diagonal().sum())  # the same on every rank: g is reduced
+    if not trace > 0:
+        return z  # a zero gradient: nothing to span
+    g /= trace
+    g.diagonal().add_(g.shape[0] * torch.finfo(torch.float64).eps)
+    upper = torch.linalg.cholesky(g, upper=True)
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    inverse = torch.linalg.solve_triangular(upper, eye, upper=True)
+    return z.div_(math.sqrt(trace)) @ inverse.to(z.dtype)  # z is a fresh co-sketch
+
+
+def canonical_signs(basis: torch.Tensor) -> torch.Tensor:
     """Flip each column so that its largest-magnitude entry is positive.
 
-    An eigensolver's signs are arbitrary and can flip under rounding-level changes of its
-    input (its iteration count changes). Kept Adam moments live in the basis
-    coordinates, so a flipped column would flip the sign of that coordinate's gradient
-    against its momentum; a fixed rule keeps runs that differ only by summation order
-    (1 vs N ranks) on the same basis.
+    Singular vectors are defined up to sign; a rule on the vectors themselves (not on
+    the sketch's coordinates, whose signs follow the random test matrix) makes a
+    refresh's signs a function of the subspace, and keeps runs that differ only by
+    summation order (1 vs N ranks) on the same basis.
     """
-    pivot = vectors.gather(0, vectors.abs().argmax(dim=0, keepdim=True))
-    return vectors * torch.where(pivot < 0, -1.0, 1.0)
+    pivot = basis.gather(0, basis.abs().argmax(dim=0, keepdim=True))
+    return basis * torch.where(pivot < 0, -1.0, 1.0).to(basis.dtype)
+
+
+def align_signs(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Flip column j of ``new`` where (new^T old)_jj < 0.
+
+    Kept Adam moments live in the basis coordinates: a coordinate whose basis vector
+    flipped would see its gradient change sign against its momentum. Both bases are
+    replicated on every rank (or owned whole), so this is a local, rank-identical
+    computation. Columns are not permuted: a near-tie in singular values makes the order
+    (and the vectors themselves) ill-defined, which a sign rule cannot repair anyway.
+    """
+    dots = (new * old).sum(dim=0)
+    return new * torch.where(dots < 0, -1.0, 1.0).to(new.dtype)
 
 
 def random_basis(d: int, rank: int, generator: torch.Generator,
@@ -208,3 +268,32 @@ def captured_energy(low_rank: torch.Tensor, grad: torch.Tensor) -> float:
     """||R||_F / ||G||_F: the fraction of gradient norm the basis keeps."""
     g_norm = grad.float().norm()
     return float(low_rank.norm() / g_norm) if g_norm > 0 else math.nan
+
+
+def subspace_error(basis: torch.Tensor, reference: torch.Tensor) -> float:
+    """Sine of the largest principal angle between two subspaces of equal dimension.
+
+    Both arguments have orthonormal columns; the value is ||(I - E E^T) B||_2 (in fp64),
+    0 for the same subspace and 1 when some direction of one is orthogonal to the other.
+    """
+    b, e = basis.double(), reference.double()
+    return float(torch.linalg.matrix_norm(b - e @ (e.T @ b), ord=2))
+
+
+def orthogonal_sketch(basis: torch.Tensor, width: int, generator: torch.Generator) -> torch.Tensor:
+    """A d x s test matrix S with E[S S^T] = I - B B^T, for ``basis`` B (d x r).
+
+    ``||X S||_F^2`` (or ``||S^T X||_F^2``) is then an unbiased estimate of the energy of
+    X outside the basis, from a sketch of s columns. Where the complement has at most
+    ``width`` dimensions, S is an orthonormal basis of it (s = d - r) and the value is
+    exact; otherwise S = (I - B B^T) Omega / sqrt(s) for a Gaussian Omega (s = width),
+    whose estimate has relative standard deviation at most sqrt(2 / s).
+    """
+    d, r = basis.shape
+    cols = min(d - r, width)
+    omega = torch.randn(d, cols, generator=generator, device=basis.device, dtype=basis.dtype)
+    omega -= basis @ (basis.T @ omega)
+    if d - r <= width:
+        comp = orthonormalize(omega)
+        return orthonormalize(comp - basis @ (basis.T @ comp))  # twice: orthogonal to B
+    return omega / math.sqrt(cols)

@@ -116,10 +116,13 @@ def run_ranks(tmp_path, options: dict, world: int, perturb: bool = False) -> lis
 
 LOTUS = {"projection": "rsvd", "switch": "displacement", "verify_gap": 2, "gamma": 2.0}
 GALORE = {"projection": "svd", "switch": "fixed", "update_proj_gap": 4}
+MOMENTUM = {"projection": "rsvd", "switch": "momentum_displacement", "verify_gap": 2,
+            "gamma": 2.0, "moments": "rotate"}
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("options", [LOTUS, GALORE], ids=["lotus", "galore"])
+@pytest.mark.parametrize(("options", "world"), [(LOTUS, 2), (LOTUS, 4), (GALORE, 2),
+                                                (GALORE, 4), (MOMENTUM, 2)],
+                         ids=["lotus-2", "lotus-4", "galore-2", "galore-4", "momentum-rotate-2"])
 def test_ranks_equal_one_process_on_the_global_batch(tmp_path, options, world):
     weights, refreshes, norms = run_single(options, world)
     ranks = run_ranks(tmp_path, options, world)

@@ -40,6 +40,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "lotus_rotate_recovery": {"projection": "rsvd", "switch": "path_efficiency",
                               "verify_gap": 2, "gamma": 0.9, "moments": "rotate",
                               "recovery_scaling": True},
+    "lotus_momentum": {"projection": "rsvd", "switch": "momentum_displacement",
+                       "verify_gap": 2, "gamma": 0.5},
 }
 RESUME_AT = 4
 

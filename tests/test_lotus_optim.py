@@ -10,6 +10,7 @@ from torch import nn
 
 from lotus_dist import LotusAdamW, NonFiniteGradientError, lotus_param_groups
 from lotus_dist.optim import rotate_moments
+from lotus_dist.switching import PATH_SKETCH_WIDTH
 
 
 def refreshes_over(opt: LotusAdamW, grads: list[dict[str, torch.Tensor]],
@@ -162,18 +163,22 @@ def roundtrip(obj):
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("moments", ["keep", "rotate"])
-def test_resume_across_a_refresh_equals_never_stopping(moments):
+@pytest.mark.parametrize("options", [
+    {"moments": "keep"}, {"moments": "rotate"},
+    {"switch": "path_efficiency", "gamma": 0.9, "recovery_scaling": True},
+    {"switch": "momentum_displacement", "gamma": 0.5},
+], ids=["keep", "rotate", "path_efficiency", "momentum_displacement"])
+def test_resume_across_a_refresh_equals_never_stopping(options):
     data = batches(20)
-    model_a, opt_a = make(moments=moments)
+    model_a, opt_a = make(**options)
     train(model_a, opt_a, data)
 
-    model_b, opt_b = make(moments=moments)
+    model_b, opt_b = make(**options)
     train(model_b, opt_b, data[:9])
     saved = roundtrip({"model": model_b.state_dict(), "optim": opt_b.state_dict()})
     refreshes_at_save = sum(t["refresh_count"] for t in opt_b.telemetry().values())
 
-    model_c, opt_c = make(seed=123, moments=moments)  # different init: all comes from the save
+    model_c, opt_c = make(seed=123, **options)  # different init: all comes from the save
     model_c.load_state_dict(saved["model"])
     opt_c.load_state_dict(saved["optim"])
     train(model_c, opt_c, data[9:])
@@ -181,6 +186,7 @@ def test_resume_across_a_refresh_equals_never_stopping(moments):
     assert sum(t["refresh_count"] for t in opt_c.telemetry().values()) > refreshes_at_save
     for (name, a), c in zip(model_a.state_dict().items(), model_c.state_dict().values()):
         assert torch.equal(a, c), name
+    assert opt_c.telemetry() == opt_a.telemetry()
 
 
 def test_state_dict_holds_only_tensors_and_plain_values():
@@ -334,3 +340,200 @@ def test_recovery_scaling_adds_nothing_at_full_rank():
         return model.mlp[0].weight.detach()
 
     torch.testing.assert_close(final(True), final(False), atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------- clipping, recovery
+
+
+@pytest.mark.parametrize("switch", ["path_efficiency", "displacement"])
+def test_clipping_the_consumed_gradient_equals_stepping_on_a_clipped_gradient(switch):
+    """scale_consumed_grads(f) after prepare() must act like a gradient f * G: the recovery
+    residual G - back(R), the captured energy and path efficiency's unit gradients
+    included."""
+    factor, data = 0.3, batches(7)
+    model_a, opt_a = make(switch=switch, recovery_scaling=True, gamma=0.9)
+    model_b, opt_b = make(switch=switch, recovery_scaling=True, gamma=0.9)
+    for b in data:
+        for model in (model_a, model_b):
+            model.zero_grad()
+            loss_fn(model, b).backward()
+        assert opt_a.prepare()
+        opt_a.scale_consumed_grads(factor)
+        opt_a.step()
+        for p in model_b.parameters():
+            p.grad.mul_(factor)
+        opt_b.step()
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    for name, t in opt_a.telemetry().items():
+        for key in ("energy", "switch_metric"):
+            assert math.isclose(t[key], opt_b.telemetry()[name][key], rel_tol=1e-4), (name, key)
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12)], ids=["left", "right"])
+def test_recovery_term_is_added_without_galore_scale(shape):
+    """One step from zero state, against Fira's rule written out in float64:
+    W -= lr_t (scale * B N + phi * (G - B R)), phi = ||N_j|| / ||R_j|| per kept column."""
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    w = torch.zeros(shape, requires_grad=True)
+    lr, scale, (b1, b2), eps = 0.1, 0.25, (0.9, 0.999), 1e-6
+    opt = LotusAdamW([{"params": [w], "rank": 3, "projection": "svd", "switch": "fixed",
+                       "scale": scale, "recovery_scaling": True}], lr=lr)
+    w.grad = grad.clone()
+    opt.step()
+    g = grad.double()
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    left = shape[0] < shape[1]
+    basis = u[:, :3] if left else vh[:3].T
+    r = basis.T @ g if left else g @ basis
+    n = (1 - b1) * r / ((1 - b2) ** 0.5 * r.abs() + eps)
+    back = basis @ n if left else n @ basis.T
+    residual = g - (basis @ r if left else r @ basis.T)
+    dim = 0 if left else 1
+    phi = n.norm(dim=dim, keepdim=True) / r.norm(dim=dim, keepdim=True)
+    step_size = lr * (1 - b2) ** 0.5 / (1 - b1)
+    expected = -step_size * (scale * back + phi * residual)
+    torch.testing.assert_close(w.detach().double(), expected, rtol=1e-4, atol=1e-7)
+
+
+# --------------------------------------------------------------------- path efficiency memory
+
+
+def test_path_efficiency_keeps_no_full_size_accumulator_and_matches_it():
+    """A 300 x 200 matrix at rank 8: the complement (192 dims) is wider than the sketch, so
+    the energy outside the basis is estimated. rho must match the full-accumulator value
+    of eq. (5) within 2% (the sketch's bound: relative std <= sqrt(2 / 128) / 2 = 6% for a
+    rank-one outside sum, far less for the many directions of real gradients)."""
+    eta, rank, shape = 5, 8, (300, 200)
+    gen = torch.Generator().manual_seed(4)
+    signal = torch.randn(shape[0], 6, generator=gen) @ torch.randn(6, shape[1], generator=gen)
+    grads = [signal + 0.15 * t * torch.randn(shape, generator=gen) * (t % 3 + 1)
+             for t in range(30)]
+    w = torch.zeros(shape, requires_grad=True)
+    opt = LotusAdamW([{"params": [w], "rank": rank, "projection": "svd",
+                       "switch": "path_efficiency", "verify_gap": eta, "gamma": 0.95}])
+    basis, window, pairs, pending = None, [], [], True
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+        if pending:
+            basis = torch.linalg.svd(g, full_matrices=False)[2][:rank].T
+            window, pending, t = [], False, 0
+        t += 1
+        window.append(g / g.norm())
+        if t % eta == 0:
+            total = sum(window)
+            rho = float((total @ basis).norm() / total.norm())
+            pairs.append((rho, opt.telemetry()["param0"]["switch_metric"]))
+            pending, window = rho < 0.95, []
+    assert len(pairs) >= 4 and any(rho < 0.95 for rho, _ in pairs)
+    for rho, got in pairs:
+        assert math.isclose(got, rho, rel_tol=0.02), (got, rho)
+    # (m or n) x 128 at most: R's size, the sketch and its accumulator; no m x n tensor
+    sizes = [v.numel() for v in opt.state[w].values() if torch.is_tensor(v)]
+    assert max(sizes) <= max(shape) * PATH_SKETCH_WIDTH < w.numel()
+
+
+# --------------------------------------------------------------------- refresh intervals
+
+
+def test_telemetry_reports_the_spread_of_refresh_intervals_and_survives_a_roundtrip():
+    grads = drifting_gradients(80)
+    w = torch.zeros(8, 20, requires_grad=True)
+    opt = LotusAdamW([{"params": [("w", w)], "rank": 3, "projection": "svd",
+                       "switch": "displacement", "verify_gap": 4, "gamma": 0.06}], lr=1e-3)
+    steps = refreshes_over(opt, [{"w": g} for g in grads], {"w": w})["w"]
+    intervals = [b - a for a, b in itertools.pairwise(steps)]
+    tele = opt.telemetry()["w"]
+    assert (tele["refresh_interval_min"], tele["refresh_interval_max"]) == (min(intervals),
+                                                                            max(intervals))
+    assert math.isclose(tele["refresh_interval_mean"], sum(intervals) / len(intervals))
+    assert all(type(v) in (int, float) for v in tele.values())
+
+    w2 = torch.zeros(8, 20, requires_grad=True)
+    opt2 = LotusAdamW([{"params": [("w", w2)], "rank": 3, "projection": "svd",
+                        "switch": "displacement", "verify_gap": 4, "gamma": 0.06}], lr=1e-3)
+    opt2.load_state_dict(roundtrip(opt.state_dict()))
+    assert opt2.telemetry() == opt.telemetry()
+
+
+def test_refresh_intervals_are_nan_before_a_second_refresh():
+    w = torch.zeros(20, 8, requires_grad=True)
+    opt = LotusAdamW([{"params": [w], "rank": 2, "switch": "fixed", "update_proj_gap": 7}])
+    w.grad = torch.randn(20, 8)
+    opt.step()
+    tele = opt.telemetry()["param0"]
+    assert all(math.isnan(tele[f"refresh_interval_{k}"]) for k in ("min", "mean", "max"))
+
+
+# --------------------------------------------------------------------- momentum displacement
+
+
+def subspace_noise(steps, shape=(16, 40), k=4, seed=0):
+    """Isotropic noise inside a fixed k-dimensional column space: the subspace never needs
+    a refresh."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(shape[0], k, generator=g)).Q
+    return [u @ torch.randn(k, shape[1], generator=g) for _ in range(steps)]
+
+
+def rotating_subspace(steps, shape=(16, 40), k=4, rate=0.02, noise=0.2, seed=0):
+    """A fixed signal whose column space turns at ``rate`` radians per step, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(shape[0], 2 * k, generator=g)).Q
+    u, w = q[:, :k], q[:, k:]
+    coeff = torch.randn(k, shape[1], generator=g)
+    rates = rate * torch.linspace(0.5, 1.5, k)
+    return [(u * torch.cos(rates * t) + w * torch.sin(rates * t))
+            @ (coeff + noise * torch.randn(k, shape[1], generator=g)) for t in range(steps)]
+
+
+def refresh_count(switch, grads, gamma=0.05):
+    w = torch.zeros(grads[0].shape, requires_grad=True)
+    opt = LotusAdamW([{"params": [("w", w)], "rank": 4, "switch": switch, "verify_gap": 4,
+                       "gamma": gamma}], lr=1e-3)
+    return len(refreshes_over(opt, [{"w": g} for g in grads], {"w": w})["w"])
+
+
+def test_momentum_displacement_ignores_noise_inside_a_fixed_subspace():
+    """Algorithm 2 fires near T = sqrt(2) / gamma = 28 on noise; the windowed moment
+    displacement stays near sqrt(2 (1 - beta1^4)) / 4 = 0.2 > gamma and does not fire."""
+    grads = subspace_noise(200)
+    assert refresh_count("displacement", grads) >= 6
+    assert refresh_count("momentum_displacement", grads) == 1  # the initial basis only
+
+
+def test_momentum_displacement_still_refreshes_a_rotating_subspace():
+    grads = rotating_subspace(200)
+    assert refresh_count("momentum_displacement", grads) >= 10
+
+
+def test_momentum_displacement_equals_its_definition():
+    """Reference: M = beta1 m + (1 - beta1) R with m Adam's first moment; every eta steps,
+    ||M/|M| - M_prev/|M_prev||| / (steps since M_prev) against gamma."""
+    grads, eta, gamma, beta1 = rotating_subspace(60, noise=0.5), 4, 0.08, 0.9
+    w = torch.zeros(16, 40, requires_grad=True)
+    opt = LotusAdamW([{"params": [w], "rank": 4, "projection": "svd",
+                       "switch": "momentum_displacement", "verify_gap": eta,
+                       "gamma": gamma}], lr=1e-3)
+    metrics, expected, pending, m = [], [], True, None
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+        if pending:
+            basis = torch.linalg.svd(g, full_matrices=False)[0][:, :4]
+            t, pending = 0, False
+        t += 1
+        r = basis.T @ g
+        m = (1 - beta1) * r if m is None else beta1 * m + (1 - beta1) * r
+        if t == 1:
+            ref, ref_t = m, 1
+        elif t % eta == 0:
+            metric = float((m / m.norm() - ref / ref.norm()).norm()) / (t - ref_t)
+            expected.append(metric)
+            metrics.append(opt.telemetry()["param0"]["switch_metric"])
+            ref, ref_t, pending = m, t, metric < gamma
+    assert len(expected) >= 5 and any(e < gamma for e in expected) and any(e >= gamma
+                                                                          for e in expected)
+    for e, got in zip(expected, metrics):
+        assert math.isclose(e, got, rel_tol=1e-4)

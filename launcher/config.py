@@ -1,10 +1,25 @@
-"""Run configuration: documented dataclasses, filled from defaults < YAML file < ``--set``.
+"""Run configuration: documented dataclasses, filled from defaults < YAML < preset < ``--set``.
 
 Every field carries a one-line docstring; ``config_help()`` turns those into the help
 text, so the documentation and the CLI cannot drift apart. A YAML file may only name
 known sections and keys, and every value is checked against its field's type, so a
 typo (``optim.rnak``) or a bad value (``training.steps=abc``) fails at start-up with a
 message that names the key and where it came from, not hours later inside the trainer.
+
+Method presets. Each ``optim.name`` has a preset: the values its paper runs with
+(``METHOD_PRESETS`` below, shown by ``config_help()``), so switching
+``--set optim.name=galore`` switches to GaLore's settings instead of inheriting Lotus's.
+A YAML file may add or replace values per method in a top-level ``methods:`` section,
+one mapping per method; an entry is an ``optim`` key (``lr: 0.02``) or a dotted key of
+another section (``training.min_lr_ratio: 0.2``). Precedence, lowest first: the field
+defaults; the file's sections (its ``optim:`` keys are the ones common to all methods);
+the chosen method's preset, built in then the file's ``methods.<name>``; ``--set`` (a
+``--set`` always wins). ``optim`` keys the chosen method does not use (``optim.gamma``
+with a fixed switch, ``optim.rank`` with adamw), set with ``--set`` or to a non-default
+value in the file's ``optim:`` section, are named in a ``ConfigWarning``, and so is a
+file ``optim:`` key that the preset replaces. ``config_to_dict`` records the values that
+run and, under ``methods.<name>``, the preset keys with those values, so a written
+``config.yaml`` loads back to the same config.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ import keyword
 import textwrap
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,11 +45,67 @@ ModelSize = Literal["tiny", "20m", "35m", "60m", "130m", "350m", "1b", "3b", "7b
 # not import the model (and torch) just to check a name.
 MODEL_SIZE_NAMES: tuple[str, ...] = typing.get_args(ModelSize)
 
-PROJECTED_OPTIMIZERS = ("galore", "lotus")
+OptimName = Literal["adamw", "galore", "lotus", "grasswalk", "grassjump"]
+METHODS: tuple[str, ...] = typing.get_args(OptimName)
+#: Methods that run LotusAdamW with projected groups (the engines check this list).
+PROJECTED_OPTIMIZERS: tuple[str, ...] = ("galore", "lotus", "grasswalk", "grassjump")
+
+#: Built-in preset per ``optim.name``: applied over the file's common ``optim:`` keys and
+#: under the file's ``methods.<name>`` and ``--set``. A key is an ``optim`` key, or
+#: ``section.key`` for another section. Sources are in ``METHOD_SOURCES``.
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "adamw": {"lr": 1e-3},
+    "galore": {"lr": 0.01, "scale": 0.25, "update_proj_gap": 200, "projection": "svd",
+               "switch": "fixed", "moments": "keep", "recovery_scaling": False},
+    "lotus": {"lr": 0.02, "scale": 0.3, "projection": "rsvd", "switch": "displacement",
+              "gamma": 0.009, "verify_gap": 50, "min_gap": 0, "power_iters": 1,
+              "oversample": 8, "moments": "keep", "recovery_scaling": False},
+    "grasswalk": {"lr": 0.01, "scale": 0.25, "projection": "grassmann", "walk_step": 0.5,
+                  "switch": "fixed", "update_proj_gap": 200, "moments": "rotate",
+                  "recovery_scaling": True, "recovery_limiter": 1.01,
+                  "parallel.lowrank_comm": False},
+    "grassjump": {"lr": 0.01, "scale": 0.25, "projection": "random", "switch": "fixed",
+                  "update_proj_gap": 200, "moments": "rotate", "recovery_scaling": True,
+                  "recovery_limiter": 1.01, "parallel.lowrank_comm": False},
+}
+
+#: Where each built-in preset's values come from (shown by ``config_help()``).
+METHOD_SOURCES: dict[str, str] = {
+    "adamw": "Full-rank AdamW baseline. GaLore (Zhao et al. 2024, App. pre-training details) "
+             "tunes the baseline's lr per size over {1e-2, 5e-3, 1e-3, 5e-4, 1e-4} without "
+             "printing the winners; 1e-3, the usual pick for LLaMA 60M-350M on C4, is our "
+             "choice.",
+    "galore": "GaLore's C4 recipe, the same for every size: lr 0.01, scale alpha 0.25, "
+              "subspace frequency T = update_proj_gap 200, exact SVD on a fixed interval, "
+              "Adam moments kept across refreshes (GaLore's algorithm exactly).",
+    "lotus": "Lotus Table 7, 60M column (LR 0.02, alpha 0.3, threshold gamma 0.009; the min "
+             "LR ratio is a per-size YAML value) with verifying gap eta 50 (Lotus App., "
+             "'threshold around 0.01 and verifying gap as 50'); rSVD with 1 power iteration "
+             "and 8 oversampling columns and T_min 0 are our choices (the paper's Thm 3.1 "
+             "takes p ~ 5 and gives no q or T_min for pre-training).",
+    "grasswalk": "GrassWalk (Rajabi et al., Algorithm 1): basis S_0 from an SVD of the first "
+                 "gradient, then a random geodesic step on the Grassmannian every T = "
+                 "update_proj_gap steps, Adam moments rotated into the new basis (AO), "
+                 "recovery scaling of the residual with limiter zeta = recovery_limiter "
+                 "(RS). The paper prints no values, so all are our choices: lr 0.01, scale "
+                 "0.25 and T 200 from GaLore's recipe (the codebase it builds on; scale "
+                 "multiplies the low-rank term only, the recovery term is added as in Fira, "
+                 "docs/algorithm.md), zeta 1.01 (Fira's limiter) and walk_step 0.5, the "
+                 "largest principal angle (radians) of one step. Recovery scaling needs the "
+                 "full mean gradient, so the preset sets parallel.lowrank_comm false.",
+    "grassjump": "GrassJump (Rajabi et al., Algorithm 1): a fresh random basis (orthonormalised "
+                 "Gaussian) at the start and every T = update_proj_gap steps, moments "
+                 "rotated (AO), recovery scaling (RS). Values as for grasswalk, all our "
+                 "choices (the paper prints none); parallel.lowrank_comm false for RS.",
+}
 
 
 class ConfigError(ValueError):
     """A config problem; the message names the key (and the file or flag it came from)."""
+
+
+class ConfigWarning(UserWarning):
+    """Set keys the chosen method ignores, or file keys its preset replaces (see above)."""
 
 
 @dataclass
@@ -73,8 +145,11 @@ class DataConfig:
 class OptimConfig:
     """optim.*: the optimizer; the projection keys mean what LotusAdamW's group keys mean."""
 
-    name: Literal["adamw", "galore", "lotus"] = "lotus"
-    """Optimizer: adamw (full rank), galore (svd + fixed switch) or lotus."""
+    name: OptimName = "lotus"
+    """Optimizer: adamw (full rank), galore (exact SVD, fixed interval), lotus (rSVD,
+    adaptive switch), grasswalk or grassjump (Grassmann walk / random jump every
+    update_proj_gap steps, rotated moments, recovery scaling); each comes with its preset
+    (methods.<name> in config_help)."""
     lr: float = 0.01
     """Peak learning rate (after warmup)."""
     weight_decay: float = 0.0
@@ -95,8 +170,11 @@ class OptimConfig:
     """Which side to project; std projects the smaller dimension."""
     projection: Literal["svd", "rsvd", "random", "grassmann"] = "rsvd"
     """How a refresh computes the basis."""
-    switch: Literal["fixed", "displacement", "path_efficiency"] = "displacement"
-    """When to refresh the basis."""
+    switch: Literal["fixed", "displacement", "momentum_displacement", "path_efficiency"] = \
+        "displacement"
+    """When to refresh the basis: fixed (every update_proj_gap steps), displacement (Lotus
+    Algorithm 2), momentum_displacement (ours: the same test on Adam's first moment, per
+    window; docs/algorithm.md) or path_efficiency (Lotus eq. 5)."""
     gamma: float | None = None
     """Switch threshold; null takes the optimizer's default for the switch rule."""
     verify_gap: int = 50
@@ -147,8 +225,9 @@ class TrainingConfig:
     """Norm to clip on: the full gradient, or what the update consumes (R for projected
     matrices); auto is consumed under low-rank DDP (which has no full gradient), else
     gradient."""
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    """Compute dtype: auto is bf16 autocast on CUDA and fp32 on CPU."""
+    dtype: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
+    """Compute dtype: auto is bf16 autocast on CUDA and fp32 on CPU; fp64 (CPU) runs model and
+    optimizer in float64, for exactness tests."""
     log_interval: int = 10
     """Steps between metric rows and progress lines."""
     max_skipped_steps: int = 10
@@ -273,30 +352,97 @@ def validate_world_size(cfg: Config, world_size: int) -> int:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``section.key=value`` overrides."""
+    """Defaults < the YAML file at ``path`` < the method preset < ``section.key=value``.
+
+    The method preset is ``optim.name``'s (after ``--set``): the built-in one, then the
+    file's ``methods.<name>``. Keys set but unused by the method, and file ``optim:`` keys
+    the preset replaces, are reported as a ``ConfigWarning`` (module docstring).
+    """
     cfg = Config()
+    file_values: dict[str, Any] = {}
+    file_presets: dict[str, dict[str, Any]] = {}
     if path is not None:
-        for key, value in _read_yaml(Path(path)).items():
+        file_values, file_presets = _read_yaml(Path(path))
+        for key, value in file_values.items():
             _assign(cfg, key, value, source=str(path))
+    sets = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
-        raw = raw.strip()
-        _assign(cfg, key.strip(), _parse_override(raw), source="--set", raw=raw)
+        key, raw = key.strip(), raw.strip()
+        sets.append((key, _parse_override(raw), raw))
+    for key, value, raw in sets:  # the method first: it picks the preset
+        if key == "optim.name":
+            _assign(cfg, key, value, source="--set", raw=raw)
+    preset = method_preset(cfg.optim.name, file_presets.get(cfg.optim.name, {}))
+    for key, value in preset.items():
+        _assign(cfg, key, value, source=f"methods.{cfg.optim.name} preset")
+    for key, value, raw in sets:
+        _assign(cfg, key, value, source="--set", raw=raw)
+    _warn_about_keys(cfg, str(path), file_values, preset, {key for key, _, _ in sets})
     _fill_run_dir(cfg)
     cfg.validate()
     return cfg
 
 
+def method_preset(name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``optim.name``'s preset as {"section.key": value}: built in, then ``extra`` (a
+    file's ``methods.<name>``, already checked by ``_read_yaml``)."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    merged = {**METHOD_PRESETS.get(name, {}), **(extra or {})}
+    return {_preset_dotted(key): value for key, value in merged.items()}
+
+
+def method_optim_config(name: str, **overrides: Any) -> OptimConfig:
+    """``OptimConfig`` of method ``name`` with its built-in preset, then ``overrides``
+    (optim keys), for code that builds an optimizer without a config file. Preset keys
+    of other sections (``parallel.lowrank_comm``) are not part of an OptimConfig."""
+    cfg = Config()
+    cfg.optim.name = name
+    for key, value in method_preset(name).items():
+        if key.startswith("optim."):
+            _assign(cfg, key, value, source=f"methods.{name} preset")
+    for key, value in overrides.items():
+        _assign(cfg, f"optim.{key}", value, source=f"method_optim_config({name!r})")
+    return cfg.optim
+
+
+def unused_optim_keys(optim: OptimConfig) -> set[str]:
+    """``optim`` keys (without the section) that the configured method does not read."""
+    used = {"name", "lr", "weight_decay", "beta1", "beta2", "eps", "nonfinite"}
+    if optim.name in PROJECTED_OPTIMIZERS:
+        used |= {"rank", "scale", "proj_type", "projection", "switch", "moments",
+                 "recovery_scaling", "per_layer", "target_modules"}
+        used |= {"update_proj_gap"} if optim.switch == "fixed" else {"gamma", "verify_gap",
+                                                                     "min_gap"}
+        used |= {"power_iters", "oversample"} if optim.projection == "rsvd" else set()
+        used |= {"walk_step"} if optim.projection == "grassmann" else set()
+        used |= {"recovery_limiter"} if optim.recovery_scaling else set()
+    return set(_keys("optim")) - used
+
+
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
-    """Plain nested dict of the config (for config.yaml and summaries); loads back as is."""
-    return {section: {_key(attr): value for attr, value in values.items()}
-            for section, values in dataclasses.asdict(cfg).items()}
+    """Plain nested dict of the config (for config.yaml and summaries); loads back as is.
+
+    Besides one entry per section, ``methods.<optim.name>`` holds the built-in preset's
+    keys with the values that run: loading the dict applies that preset over its own
+    ``optim`` section, and this entry makes it a no-op (a ``--set`` that beat the preset
+    would otherwise be lost)."""
+    out = {section: {_key(attr): value for attr, value in values.items()}
+           for section, values in dataclasses.asdict(cfg).items()}
+    preset = {}
+    for key in METHOD_PRESETS.get(cfg.optim.name, {}):
+        section, _, leaf = _preset_dotted(key).partition(".")
+        preset[key] = out[section][leaf]
+    out["methods"] = {cfg.optim.name: preset}
+    return out
 
 
 def config_help() -> str:
-    """One entry per key: name, type, default and the field's docstring."""
+    """One entry per key: name, type, default and the field's docstring; then one entry per
+    method preset (``methods.<name>``) with its values and their source."""
     lines = []
     for section in dataclasses.fields(Config):
         section_cls = _hints(Config)[section.name]
@@ -306,14 +452,59 @@ def config_help() -> str:
             lines.append(f"{section.name}.{_key(f.name)} ({_describe(hint)}, default "
                          f"{default!r})")
             lines.append(f"    {docs.get(f.name, '')}")
+    for name in METHODS:
+        values = ", ".join(f"{k}={v!r}" for k, v in METHOD_PRESETS.get(name, {}).items())
+        lines.append(f"methods.{name} (preset of optim.name={name}: {values or 'none'})")
+        lines.append(f"    {METHOD_SOURCES.get(name, 'No built-in values.')}")
     return "\n".join(lines)
+
+
+def _warn_about_keys(cfg: Config, path: str, file_values: dict[str, Any],
+                     preset: dict[str, Any], set_keys: set[str]) -> None:
+    """One ConfigWarning for keys set but unused by the method, one for file ``optim:``
+    keys that the preset replaced (a --set of the key silences both of its own)."""
+    name, defaults = cfg.optim.name, OptimConfig()
+    unused = unused_optim_keys(cfg.optim)
+    ignored = [f"optim.{key} (--set)" for key in sorted(unused) if f"optim.{key}" in set_keys]
+    ignored += [f"optim.{key} ({path})" for key in sorted(unused)
+                if f"optim.{key}" in file_values and f"optim.{key}" not in set_keys
+                and getattr(cfg.optim, _attr(key)) != getattr(defaults, _attr(key))]
+    if ignored:
+        what = ("full rank" if name not in PROJECTED_OPTIMIZERS else
+                f"projection={cfg.optim.projection}, switch={cfg.optim.switch}, "
+                f"recovery_scaling={str(cfg.optim.recovery_scaling).lower()}")
+        warnings.warn(f"{', '.join(ignored)}: not used by optim.name={name} ({what}) and "
+                      "ignored", ConfigWarning, stacklevel=3)
+    replaced = [f"optim.{key[6:]}={file_values[key]!r} -> {preset[key]!r}"
+                for key in sorted(preset) if key in file_values and key not in set_keys
+                and key.startswith("optim.")
+                and _same_type(cfg, key, file_values[key]) != _same_type(cfg, key, preset[key])]
+    if replaced:
+        warnings.warn(f"{path}: {', '.join(replaced)}: the optim.name={name} preset replaces "
+                      f"these file optim keys; put per-method values under methods.{name}, "
+                      "or use --set", ConfigWarning, stacklevel=3)
+
+
+def _same_type(cfg: Config, dotted: str, value: Any) -> Any:
+    """``value`` as the field's type (2e-2 -> 0.02), so equal values compare equal."""
+    section, _, key = dotted.partition(".")
+    try:
+        return _coerce(value, _hints(type(getattr(cfg, section)))[_attr(key)])
+    except TypeError:
+        return value
+
+
+def _preset_dotted(key: str) -> str:
+    """A preset key as "section.key": bare keys are optim keys."""
+    return key if "." in key else f"optim.{key}"
 
 
 # ------------------------------------------------------------------ reading YAML
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """Flatten a two-level YAML mapping into {"section.key": value}."""
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Flatten a two-level YAML mapping into {"section.key": value}; the ``methods``
+    section comes back apart, checked, as {method: {"section.key": value}}."""
     try:
         text = path.read_text()
     except OSError as e:
@@ -327,18 +518,70 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: malformed YAML: {e}") from e
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     flat = {}
     for section, values in data.items():
-        if values is None:
+        if values is None or section == "methods":
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: section {section!r} must be a mapping of keys")
         for key, value in values.items():
             flat[f"{section}.{key}"] = value
-    return flat
+    return flat, _read_methods(path, data.get("methods"))
+
+
+def _read_methods(path: Path, methods: Any) -> dict[str, dict[str, Any]]:
+    """Check a file's ``methods:`` section: known methods, known keys, right types.
+
+    Every method's entry is checked, not only the chosen one's, so a typo fails whichever
+    method runs. Messages name the key as written: ``methods.lotus.gama``.
+    """
+    if methods is None:
+        return {}
+    if not isinstance(methods, dict):
+        raise ConfigError(f"{path}: section 'methods' must map method names to mappings of "
+                          "keys")
+    out = {}
+    for name, entry in methods.items():
+        if name not in METHODS:
+            close = difflib.get_close_matches(str(name), METHODS, n=1, cutoff=0.6)
+            hint = f" (did you mean methods.{close[0]}?)" if close else ""
+            raise ConfigError(f"{path}: unknown method methods.{name}{hint}; known: "
+                              f"{', '.join(METHODS)}")
+        if entry is None:
+            entry = {}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: methods.{name} must be a mapping of keys")
+        checked = {}
+        for key, value in entry.items():
+            where = f"methods.{name}.{key}"
+            dotted = _preset_dotted(str(key))
+            section_name, _, leaf = dotted.partition(".")
+            if dotted == "optim.name":
+                raise ConfigError(f"{path}: {where}: a preset cannot change optim.name")
+            if section_name not in _SECTIONS or leaf not in _keys(section_name):
+                raise ConfigError(f"{path}: unknown key {where}{_preset_suggestion(name, key)}")
+            scratch = Config()
+            try:
+                _assign(scratch, dotted, value, source=str(path))
+            except ConfigError:
+                hint = _hints(type(getattr(scratch, section_name)))[_attr(leaf)]
+                raise ConfigError(f"{path}: {where} expects {_describe(hint)}, got "
+                                  f"{value!r}") from None
+            checked[str(key)] = getattr(getattr(scratch, section_name), _attr(leaf))
+        out[name] = checked
+    return out
+
+
+def _preset_suggestion(name: str, key: Any) -> str:
+    """' (did you mean methods.lotus.gamma?)' for a misspelt preset key."""
+    candidates = [*_keys("optim"), *(f"{s}.{k}" for s in _SECTIONS if s != "optim"
+                                     for k in _keys(s))]
+    candidates.remove("name")
+    close = difflib.get_close_matches(str(key), candidates, n=1, cutoff=0.6)
+    return f" (did you mean methods.{name}.{close[0]}?)" if close else ""
 
 
 def _parse_override(raw: str) -> Any:
@@ -515,6 +758,10 @@ def _rule_problems(cfg: Config) -> list[str]:
         (c.healthy_steps >= 0, "checkpoint.healthy_steps must be >= 0"),
         (bool(c.resume), "checkpoint.resume must be auto, never or a path"),
     ]
+    checks.append((not o.per_layer or o.name in PROJECTED_OPTIMIZERS,
+                   "optim.per_layer=true needs a low-rank method "
+                   f"({', '.join(PROJECTED_OPTIMIZERS)}); optim.name={o.name} is torch's "
+                   "AdamW, which has no per-layer mode"))
     if o.name in PROJECTED_OPTIMIZERS:
         checks += [
             (o.rank > 0, f"optim.rank must be > 0 for optim.name={o.name}, got {o.rank}"),

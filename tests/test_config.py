@@ -10,6 +10,7 @@ from launcher.config import (
     MODEL_SIZE_NAMES,
     Config,
     ConfigError,
+    ConfigWarning,
     config_help,
     config_to_dict,
     load_config,
@@ -61,11 +62,12 @@ def test_paper_configs_use_galore_c4_recipe(path):
 
 
 def test_set_overrides_file_which_overrides_defaults(tmp_path):
-    path = write_yaml(tmp_path, "optim:\n  rank: 64\n  lr: 0.02\n")
+    path = write_yaml(tmp_path, "optim:\n  rank: 64\n  weight_decay: 0.02\n")
     cfg = load_config(path, ["optim.rank=16"])
     assert cfg.optim.rank == 16  # --set beats the file
-    assert cfg.optim.lr == 0.02  # the file beats the default
+    assert cfg.optim.weight_decay == 0.02  # the file beats the default
     assert cfg.optim.beta1 == 0.9  # default
+    # the method's preset sits between the file's optim keys and --set (test_presets.py)
 
 
 def test_later_set_wins():
@@ -92,8 +94,8 @@ def test_set_keeps_the_text_for_string_fields():
 
 def test_yaml_float_without_a_dot_is_a_float(tmp_path):
     # PyYAML reads 2e-2 as the string "2e-2"; a float field takes it as the number.
-    path = write_yaml(tmp_path, "optim:\n  lr: 2e-2\n")
-    assert load_config(path, []).optim.lr == 0.02
+    path = write_yaml(tmp_path, "optim:\n  weight_decay: 2e-2\n")
+    assert load_config(path, []).optim.weight_decay == 0.02
 
 
 def test_int_field_accepts_no_float_or_bool():
@@ -109,7 +111,8 @@ def test_bad_type_names_the_key_and_expected_type():
 
 
 def test_bad_choice_lists_the_choices():
-    with pytest.raises(ConfigError, match=r"optim\.name expects one of adamw, galore, lotus"):
+    with pytest.raises(ConfigError, match=r"optim\.name expects one of adamw, galore, lotus, "
+                                          r"grasswalk, grassjump"):
         load_config(None, ["optim.name=sgd"])
 
 
@@ -183,8 +186,16 @@ def test_validation_lists_every_problem_at_once():
     assert "optim.lr" in str(info.value) and "optim.rank" in str(info.value)
 
 
+def test_fp64_is_a_training_dtype():
+    assert load_config(None, ["training.dtype=fp64"]).training.dtype == "fp64"
+    with pytest.raises(ConfigError, match=r"training\.dtype expects one of auto, fp32, bf16, "
+                                          r"fp64"):
+        load_config(None, ["training.dtype=fp16"])
+
+
 def test_adamw_needs_no_rank():
-    assert load_config(None, ["optim.name=adamw", "optim.rank=0"]).optim.rank == 0
+    with pytest.warns(ConfigWarning, match=r"optim\.rank \(--set\): not used by optim\.name=adamw"):
+        assert load_config(None, ["optim.name=adamw", "optim.rank=0"]).optim.rank == 0
 
 
 def test_validate_catches_wrong_types_set_in_code():
@@ -216,7 +227,7 @@ def test_config_to_dict_loads_back_to_the_same_config(tmp_path):
 
 
 def test_help_documents_every_key():
-    help_text = config_help()
+    help_text = config_help()  # methods.<name>: the presets, documented in the help too
     for section, values in config_to_dict(Config()).items():
         for key in values:
             entry = help_text.split(f"{section}.{key} (", 1)[1].split("\n")[1].strip()

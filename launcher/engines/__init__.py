@@ -40,7 +40,8 @@ def build_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo) -> En
     if lowrank:
         _check_lowrank_ddp(cfg)
     elif clip_on == "consumed" and cfg.optim.name not in PROJECTED_OPTIMIZERS:
-        raise ConfigError("training.clip_on=consumed needs optim.name=galore or lotus")
+        raise ConfigError("training.clip_on=consumed needs a low-rank optim.name ("
+                          f"{', '.join(PROJECTED_OPTIMIZERS)})")
     if dist_info.world_size == 1:
         engine = Engine(raw_model, raw_model, optimizer, dist_info)
     elif lowrank:

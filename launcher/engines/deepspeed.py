@@ -43,7 +43,7 @@ from launcher.optimizer import build_optimizer
 from lotus_dist.deepspeed import PartitionLayoutError, ZeroLotusAdamW
 from lotus_dist.model import LlamaConfig, build_model
 
-SUPPORTED_STAGES = {"adamw": (0, 1, 2, 3), "galore": (0, 1, 2), "lotus": (0, 1, 2)}
+SUPPORTED_STAGES = {"adamw": (0, 1, 2, 3), **dict.fromkeys(PROJECTED_OPTIMIZERS, (0, 1, 2))}
 """ZeRO stages per ``optim.name``; ZeRO-3 leaves every rank a slice of every matrix."""
 
 _FORBIDDEN_BLOCKS = {

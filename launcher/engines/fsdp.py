@@ -34,7 +34,8 @@ def build_fsdp_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo) 
     """The model sharded on a 1-D mesh over all ranks, with its optimizer."""
     o = cfg.optim
     if cfg.training.clip_on == "consumed" and o.name not in PROJECTED_OPTIMIZERS:
-        raise ConfigError("training.clip_on=consumed needs optim.name=galore or lotus")
+        raise ConfigError("training.clip_on=consumed needs a low-rank optim.name ("
+                          f"{', '.join(PROJECTED_OPTIMIZERS)})")
     mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
     model = build_model_on_meta(model_cfg)
     sides = (projected_sides(model, o.rank, o.target_modules, o.proj_type)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-BENCHMARKS = ("projector", "step", "comm")
+BENCHMARKS = ("projector", "step", "comm", "checkpoint", "quality")
 
 
 def _parser() -> argparse.ArgumentParser:

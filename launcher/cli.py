@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-BENCHMARKS = ("projector", "step", "comm", "checkpoint", "quality")
+BENCHMARKS = ("projector", "step", "comm", "checkpoint", "quality", "data")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +25,22 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     sample = data_sub.add_parser("sample", help="write the embedded C4-layout sample corpus")
     sample.add_argument("--out", default="data/sample", help="output folder")
+    prepare = data_sub.add_parser(
+        "prepare", help="tokenize a corpus into a token store (data.path accepts it)")
+    prepare.add_argument("--data", required=True,
+                         help="hub name, local C4-layout folder, or one .jsonl/.json/.txt file")
+    prepare.add_argument("--tokenizer", required=True, help="tokenizer.json or hub name")
+    prepare.add_argument("--out", required=True, help="store folder (an unfinished one resumes)")
+    prepare.add_argument("--split", default=None,
+                         help="comma-separated splits (default train,validation; train for a file)")
+    prepare.add_argument("--max-tokens", type=int, default=None, help="at most N tokens per split")
+    prepare.add_argument("--workers", type=int, default=None,
+                         help="tokenizer processes (default: the CPU count)")
+    prepare.add_argument("--shard-tokens", type=int, default=None,
+                         help="tokens per shard (default 2^26: 128 MB of uint16)")
+    prepare.add_argument("--on-error", default="skip", choices=["skip", "stop"],
+                         help="malformed records and unreadable files: skip and count, or stop")
+    prepare.add_argument("--hub-config", default=None, help="dataset config for a hub name")
 
     export = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face "
                                            "LlamaForCausalLM folder")
@@ -55,6 +71,10 @@ def main(argv: list[str] | None = None) -> None:
         from launcher.bench import run_benchmark
 
         run_benchmark(args.name, args.args)
+    elif args.command == "data" and args.data_command == "prepare":
+        from launcher.data import prepare_command
+
+        prepare_command(args)
     elif args.command == "data":
         from lotus_dist.data import write_sample_corpus
 

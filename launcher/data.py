@@ -2,45 +2,86 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
 from launcher.config import Config, ConfigError
 from launcher.distributed import DistInfo
 from lotus_dist.data import (
+    STORE_TOKENIZER,
+    DataError,
     EvalBatches,
     PackedBatches,
+    Prefetcher,
+    StoreBatches,
     TextTokenizer,
     ensure_sample_assets,
     eval_batches,
+    is_token_store,
+    is_unfinished_store,
     load_tokenizer,
     open_documents,
+    open_store,
+    store_eval_batches,
+    store_train_batches,
 )
 
 SAMPLE_DIR = Path("data/sample")
+PREFETCH_DEPTH = 2
+"""Global batches staged ahead of the training loop (by a background thread)."""
 
 
-def build_data(cfg: Config, dist_info: DistInfo) -> tuple[PackedBatches, EvalBatches, int]:
+def build_data(cfg: Config, dist_info: DistInfo) -> tuple[Prefetcher, EvalBatches, int]:
     """Return (train batches, eval batches, model vocabulary size).
+
+    ``data.path`` is a prepared token store (a folder with ``store-manifest.json``, see
+    ``lotus-train data prepare``): every rank memory-maps it and reads only its rows;
+    or a C4-layout folder / hub name, streamed and tokenized as it is read (every rank
+    tokenizes the whole global stream: O(world size) per rank). Either way a background
+    thread stages the next batches (pinned on CUDA); the result is a ``Prefetcher``
+    with PackedBatches' protocol.
 
     The embedded sample corpus and its tokenizer are built on first use when
     ``data.path`` is the default folder, so the default run needs no download. Every
-    problem (missing path, empty corpus, tokenizer/vocab mismatch) surfaces here, before
-    the model is built. ``data.on_error`` applies to both splits: what they skip is
+    problem (missing path, empty corpus, tokenizer/vocab mismatch, a store's missing or
+    truncated shard or missing split, a store too small for one batch) surfaces here,
+    before the model is built. ``data.on_error`` applies to both splits: what they skip is
     ``train.skipped_records`` / ``train.data_errors`` (live, saved with the loader
-    state) and ``evals.skipped_records`` / ``evals.data_errors`` (read once, here).
+    state; a store's come from its manifest) and ``evals.skipped_records`` /
+    ``evals.data_errors`` (read once, here).
     """
     d, t = cfg.data, cfg.training
     if Path(d.path) == SAMPLE_DIR:
         ensure_sample_assets(d.path, d.tokenizer, vocab_size=d.tokenizer_vocab_size)
-    tokenizer = load_tokenizer(d.tokenizer)
+    if is_unfinished_store(d.path):
+        raise DataError(f"data.path={d.path!r} is a token store whose prepare was interrupted: "
+                        "run the same lotus-train data prepare command again to finish it")
+    store = is_token_store(d.path)
+    try:
+        tokenizer = load_tokenizer(d.tokenizer)
+    except FileNotFoundError as e:
+        if not store:
+            raise
+        raise DataError(f"{e}; the token store {d.path} holds the tokenizer it was prepared "
+                        f"with: set data.tokenizer={Path(d.path) / STORE_TOKENIZER}") from e
     vocab_size = model_vocab_size(cfg, tokenizer)
-    train = PackedBatches(open_documents(d.path, "train", d.on_error), tokenizer, t.seq_len,
-                          t.batch_size, rank=dist_info.rank, world_size=dist_info.world_size,
-                          seed=t.seed, shuffle_chunk=d.shuffle_chunk, shuffle=d.shuffle)
-    evals = eval_batches(d.path, tokenizer, t.seq_len, t.batch_size, cfg.eval.batches,
-                         rank=dist_info.rank, world_size=dist_info.world_size,
-                         on_error=d.on_error)
-    return train, evals, vocab_size
+    rank, world = dist_info.rank, dist_info.world_size
+    train: PackedBatches | StoreBatches
+    if store:
+        store = open_store(d.path, tokenizer, d.tokenizer, vocab_size, d.on_error)
+        train = store_train_batches(store, t.seq_len, t.batch_size, rank, world, seed=t.seed,
+                                    shuffle=d.shuffle, vocab_size=vocab_size)
+        evals = store_eval_batches(store, t.seq_len, t.batch_size, cfg.eval.batches, rank,
+                                   world, vocab_size=vocab_size)
+    else:
+        train = PackedBatches(open_documents(d.path, "train", d.on_error), tokenizer,
+                              t.seq_len, t.batch_size, rank=rank, world_size=world,
+                              seed=t.seed, shuffle_chunk=d.shuffle_chunk, shuffle=d.shuffle)
+        evals = eval_batches(d.path, tokenizer, t.seq_len, t.batch_size, cfg.eval.batches,
+                             rank=rank, world_size=world, on_error=d.on_error)
+    pin = dist_info.device.type == "cuda"
+    return Prefetcher(train, PREFETCH_DEPTH, pin_memory=pin), evals, vocab_size
 
 
 def model_vocab_size(cfg: Config, tokenizer: TextTokenizer) -> int:
@@ -60,3 +101,29 @@ def model_vocab_size(cfg: Config, tokenizer: TextTokenizer) -> int:
             f"vocabulary ({needed} ids, data.tokenizer={cfg.data.tokenizer!r}); set "
             "model.vocab_size to at least that, or null to take the tokenizer's")
     return cfg.model.vocab_size
+
+
+def prepare_command(args: argparse.Namespace) -> None:
+    """`lotus-train data prepare`: tokenize a corpus into a token store; one summary line."""
+    from lotus_dist.data.prepare import prepare_store
+
+    splits = [s for s in args.split.split(",") if s] if args.split else None
+    shards = {} if args.shard_tokens is None else {"shard_tokens": args.shard_tokens}
+    try:
+        result = prepare_store(args.data, args.tokenizer, args.out, splits=splits,
+                               max_tokens=args.max_tokens, workers=args.workers,
+                               on_error=args.on_error, hub_config=args.hub_config, **shards)
+    except (FileNotFoundError, ValueError, OSError) as e:  # DataError is a ValueError
+        sys.exit(f"lotus-train: error: {e}")
+    manifest = result["manifest"]
+    parts = [f"{name} {info['tokens']:,} tokens / {info['documents']:,} documents / "
+             f"{len(info['shards'])} shard{'s' if len(info['shards']) != 1 else ''} / "
+             f"{info['skipped_records']} skipped"
+             for name, info in manifest["splits"].items()]
+    if result["already_done"]:
+        print(f"{args.out} is already a finished token store ({'; '.join(parts)})")
+        return
+    how = " (resumed)" if result["resumed"] else ""
+    print(f"prepared {args.out}{how}: {'; '.join(parts)}; {manifest['dtype']}; "
+          f"{result['tokens']:,} tokens in {result['seconds']:.1f} s "
+          f"({result['tokens_per_s']:,.0f} tok/s, {result['workers']} workers)")

@@ -154,6 +154,12 @@ class PackedBatches:
         while a checkpoint is being loaded, where it would look like a bad checkpoint.
         A state saved before `skipped_records` existed counts from 0.
         """
+        if state.get("kind") == "token_store" or "chunk" not in state:
+            raise ValueError(
+                "the data-loader state was saved while training from a prepared token store "
+                "(data.path was a store); it cannot continue on a streamed corpus. Set "
+                "data.path back to that store to resume, or start a new run.dir"
+            )
         changed = [
             f"{key}={state[key]} (now {value})"
             for key, value in self._layout().items()
@@ -214,12 +220,23 @@ def _as_tokenizer(tokenizer: TextTokenizer | str | os.PathLike) -> TextTokenizer
 
 class EvalBatches(list):
     """The evaluation batches (a list of tensors), with what reading them skipped:
-    `skipped_records` (int) and `data_errors` (list of {"file", "offset", "reason"})."""
+    `skipped_records` (int) and `data_errors` (list of {"file", "offset", "reason"}).
 
-    def __init__(self, batches: list[torch.Tensor], source: DocumentSource) -> None:
+    They come from the `source` that was read, or (for a prepared token store, whose
+    skips were counted when it was prepared) from `skipped_records` and `data_errors`."""
+
+    def __init__(
+        self,
+        batches: list[torch.Tensor],
+        source: DocumentSource | None = None,
+        *,
+        skipped_records: int = 0,
+        data_errors: list[dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(batches)
-        self.skipped_records: int = source.skipped
-        self.data_errors: list[dict[str, Any]] = list(source.errors)
+        self.skipped_records: int = source.skipped if source is not None else skipped_records
+        self.data_errors: list[dict[str, Any]] = (
+            list(source.errors) if source is not None else list(data_errors or []))
 
 
 def build_train_batches(

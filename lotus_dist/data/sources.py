@@ -185,6 +185,13 @@ def find_split_files(folder: Path, split: str) -> list[Path]:
     return sorted(files)
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def _file_size(path: Path) -> str:
     try:
         return f"{path.stat().st_size} bytes"
@@ -201,13 +208,34 @@ class LocalDocuments(DocumentSource):
     """
 
     def __init__(
-        self, path: str | os.PathLike, split: str, on_error: OnError = "skip"
+        self,
+        path: str | os.PathLike,
+        split: str,
+        on_error: OnError = "skip",
+        files: list[Path] | None = None,
     ) -> None:
+        """`files` replaces the split's files in `path` (e.g. one `.jsonl` given as the
+        whole split); by default they are found by name (`find_split_files`)."""
         super().__init__(f"data.path={str(path)!r} (split {split!r})", on_error)
-        self.files = find_split_files(Path(path).expanduser(), split)
+        self.files = (list(files) if files is not None
+                      else find_split_files(Path(path).expanduser(), split))
         self._file = 0
         self._record = 0
         self._read = 0
+        self._raw: BinaryIO | None = None  # the file being read, for bytes_read()
+
+    def total_bytes(self) -> int:
+        """The split's size on disk (compressed for gzip files): for progress and ETA."""
+        return sum(_size(path) for path in self.files)
+
+    def bytes_read(self) -> int:
+        """Bytes on disk read so far: earlier files whole, the current one to where the
+        reader stands (at most a read-ahead chunk past the last document)."""
+        done = sum(_size(path) for path in self.files[: self._file])
+        raw = self._raw
+        if raw is not None and not raw.closed:
+            done += raw.tell()
+        return done
 
     def position(self) -> list[int]:
         return [self._file, self._record]
@@ -235,6 +263,7 @@ class LocalDocuments(DocumentSource):
         except OSError as err:
             self._unreadable(path, 0, err)
             return
+        self._raw = raw
         with raw:
             try:
                 stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw

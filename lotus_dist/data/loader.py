@@ -34,6 +34,20 @@ def _chunk_generator(seed: int, chunk: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
+def check_batch_layout(seq_len: int, global_batch: int, rank: int, world_size: int) -> None:
+    """The checks every batch source shares: rank r of W takes an equal slice of each
+    global batch of ``global_batch`` sequences of ``seq_len`` tokens."""
+    if seq_len < 1:
+        raise ValueError(f"training.seq_len={seq_len} must be positive")
+    if global_batch < 1 or global_batch % world_size:
+        raise ValueError(
+            f"training.batch_size={global_batch} must be a positive multiple of the "
+            f"world size {world_size}: each rank takes an equal slice of every global batch"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside the world size {world_size}")
+
+
 class PackedBatches:
     """This rank's rows of each global batch, as LongTensor[global_batch / world_size, seq_len + 1].
 
@@ -58,15 +72,7 @@ class PackedBatches:
         shuffle: bool = True,
         repeat: bool = True,
     ) -> None:
-        if seq_len < 1:
-            raise ValueError(f"training.seq_len={seq_len} must be positive")
-        if global_batch < 1 or global_batch % world_size:
-            raise ValueError(
-                f"training.batch_size={global_batch} must be a positive multiple of the "
-                f"world size {world_size}: each rank takes an equal slice of every global batch"
-            )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside the world size {world_size}")
+        check_batch_layout(seq_len, global_batch, rank, world_size)
         if shuffle_chunk < 1:
             raise ValueError(f"shuffle_chunk={shuffle_chunk} must be positive")
         self.source = source

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lotus_dist.data.loader import EvalBatches
+from lotus_dist.data.loader import EvalBatches, check_batch_layout
 from lotus_dist.data.permute import Permutation
 from lotus_dist.data.sources import DataError
 from lotus_dist.data.tokenizer import TextTokenizer
@@ -312,15 +312,7 @@ class StoreBatches:
         repeat: bool = True,
         vocab_size: int | None = None,
     ) -> None:
-        if seq_len < 1:
-            raise ValueError(f"training.seq_len={seq_len} must be positive")
-        if global_batch < 1 or global_batch % world_size:
-            raise ValueError(
-                f"training.batch_size={global_batch} must be a positive multiple of the "
-                f"world size {world_size}: each rank takes an equal slice of every global batch"
-            )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside the world size {world_size}")
+        check_batch_layout(seq_len, global_batch, rank, world_size)
         self.split = split
         self.seq_len = seq_len
         self.global_batch = global_batch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -43,11 +44,44 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    global _made_a_group
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None,
                                 timeout=timedelta(seconds=timeout_s))
+        _made_a_group = True
     return DistInfo(rank, world_size, local_rank, device)
+
+
+#: Set once ``init_distributed`` has created a process group in this process.
+_made_a_group = False
+
+
+def made_a_group() -> bool:
+    """Whether ``init_distributed`` created a process group in this process."""
+    return _made_a_group
+
+
+def exit_process(code: int | str | None) -> None:
+    """End the CLI process with ``code`` as ``sys.exit`` takes it (a message means 1);
+    return instead on success without a process group (the in-process API and tests).
+
+    After a process group, without interpreter shutdown: torch's DTensor caches keep a
+    gloo group alive past ``destroy_process_group`` (as DeepSpeed's did), and its worker
+    threads, freed in arbitrary order while the interpreter shuts down, can abort a run
+    that has finished and written everything (SIGABRT, 'terminate called without an
+    active exception'), so that torchrun reports a failed job. Every file the run writes
+    is closed before this is called; the standard streams are flushed here."""
+    if not _made_a_group:
+        if code:
+            sys.exit(code)
+        return
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 @dataclass(frozen=True)
@@ -95,5 +129,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def teardown() -> None:
-    if dist.is_initialized():
+    """Destroy every process group and drop DeepSpeed's cached references to them. A
+    group that outlives this call keeps gloo's threads running until interpreter exit,
+    where freeing it can abort the process after a successful run (SIGABRT, 'terminate
+    called without an active exception')."""
+    if not dist.is_initialized():
+        return
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and ds_comm.cdb is not None:
+        ds_comm.destroy_process_group()  # also releases deepspeed.utils.groups' caches
+    else:
         dist.destroy_process_group()

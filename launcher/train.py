@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -12,15 +12,21 @@ import yaml
 from launcher.checkpoint import CheckpointError
 from launcher.config import Config, ConfigError, config_to_dict, load_config, validate_world_size
 from launcher.data import build_data
-from launcher.distributed import init_distributed, teardown
+from launcher.distributed import exit_process, init_distributed, made_a_group, teardown
 from launcher.engines import build_engine
 from launcher.schedule import build_lr_scheduler
 from launcher.trainer import Trainer, TrainingError
 from lotus_dist.model import MODEL_SIZES
 
 
-def run(cfg: Config) -> dict:
-    """Train as ``cfg`` says (this process is one rank of the job); return the summary."""
+def run(cfg: Config, keep_alive: list[object] | None = None) -> dict:
+    """Train as ``cfg`` says (this process is one rank of the job); return the summary.
+
+    ``keep_alive`` receives the trainer instead of letting it be freed on return. The
+    CLI passes one and then ends with ``exit_process``: freeing the objects that hold a
+    gloo group (DDP's reducer, FSDP's mesh) right after the last collective races the
+    group's worker threads for the GIL, a deadlock that CI met; never freed, they cannot.
+    """
     dist_info = init_distributed(cfg.parallel.timeout_s)
     try:
         accum_steps = validate_world_size(cfg, dist_info.world_size)
@@ -39,6 +45,8 @@ def run(cfg: Config) -> dict:
                         f"{cfg.optim.name} on {dist_info.world_size} rank(s) "
                         f"({engine.name}), "
                         f"{cfg.training.steps} steps -> {cfg.run.dir}")
+        if keep_alive is not None:
+            keep_alive.append(trainer)
         summary = trainer.train()
         if dist_info.is_main:
             print_summary(summary)
@@ -61,20 +69,35 @@ def print_summary(summary: dict) -> None:
 
 def main(config_path: str | None, overrides: list[str]) -> None:
     """Errors a user can fix (config, data, checkpoint, divergence, a hung rank) end the
-    run with one clear line instead of a traceback."""
+    run with one clear line instead of a traceback. Under a process group every ending,
+    a crash included, leaves through ``exit_process``, so no rank can hang or abort in
+    interpreter shutdown after it is done."""
+    alive: list[object] = []
     try:
         cfg = load_config(config_path, overrides)
-        run(cfg)
+        run(cfg, keep_alive=alive)
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"lotus-train: error: {e}")
+        exit_process(f"lotus-train: error: {e}")
     except RuntimeError as e:
         if not is_collective_timeout(e):
-            raise
-        sys.exit(f"lotus-train: error: a collective waited more than parallel.timeout_s="
-                 f"{cfg.parallel.timeout_s:g} s for another rank ({str(e).strip()}): a rank "
-                 "is stopped, dead or stuck elsewhere (see the other ranks' logs). Relaunch "
-                 "to resume from the last checkpoint; raise parallel.timeout_s if a step "
-                 "legitimately waits that long")
+            crash(e)
+        exit_process(f"lotus-train: error: a collective waited more than parallel.timeout_s="
+                     f"{cfg.parallel.timeout_s:g} s for another rank ({str(e).strip()}): a "
+                     "rank is stopped, dead or stuck elsewhere (see the other ranks' logs). "
+                     "Relaunch to resume from the last checkpoint; raise parallel.timeout_s "
+                     "if a step legitimately waits that long")
+    except BaseException as e:  # re-raised, or reported and exited
+        crash(e)
+    exit_process(0)
+
+
+def crash(e: BaseException) -> None:
+    """An unexpected error: re-raised in one process; under a process group, its
+    traceback printed and the process ended with status 1 (130 on a second Ctrl-C)."""
+    if not made_a_group():
+        raise e
+    traceback.print_exception(e)
+    exit_process(130 if isinstance(e, KeyboardInterrupt) else 1)
 
 
 def is_collective_timeout(e: BaseException) -> bool:

@@ -152,18 +152,18 @@ class Trainer:
         checkpoint.remove_scratch(self.ckpt_dir)
         resumed_step = self.maybe_resume()
         self.metrics = self._open_metrics(resumed_step)
-        self._install_signal_handlers()
-        if resumed_step is None:
-            initial = self.evaluate()
-            self.state.initial_eval_loss = initial["eval_loss"]
-            self.state.initial_eval_ppl = initial["eval_ppl"]
-            self.metrics.log_eval(0, initial)
-        train_iter = iter(self.train_data)
-        window: list[float] = []
-        window_start = time.perf_counter()
+        previous_handlers = self._install_signal_handlers()
         last_eval: dict[str, float] = {}
         stopped = False
         try:
+            if resumed_step is None:
+                initial = self.evaluate()
+                self.state.initial_eval_loss = initial["eval_loss"]
+                self.state.initial_eval_ppl = initial["eval_ppl"]
+                self.metrics.log_eval(0, initial)
+            train_iter = iter(self.train_data)
+            window: list[float] = []
+            window_start = time.perf_counter()
             while self.state.step < cfg.steps:
                 start = time.perf_counter()
                 outcome = self.train_step(train_iter)
@@ -212,6 +212,7 @@ class Trainer:
                 last_eval = self.evaluate()
         finally:
             self.metrics.close()
+            restore_signal_handlers(previous_handlers)
         summary = self._summary(last_eval)
         if self.dist.is_main:
             write_summary(self.run_dir, summary)
@@ -402,10 +403,11 @@ class Trainer:
         if self.dist.is_main or self.cfg.run.log_all_ranks:
             print(message, flush=True)
 
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> dict[int, Any]:
         """SIGUSR1 (SLURM's warning before a time limit), SIGTERM and a first Ctrl-C (SIGINT)
         checkpoint and stop at the end of the current step; all ranks stop at the same step
-        (``agree_on_step``). A second Ctrl-C stops at once."""
+        (``agree_on_step``). A second Ctrl-C stops at once. Returns the handlers replaced,
+        for ``restore_signal_handlers``."""
         def handler(signum: int, _frame: Any) -> None:
             if signum == signal.SIGINT and self._stop_signal is not None:
                 raise KeyboardInterrupt
@@ -414,9 +416,19 @@ class Trainer:
                 print("interrupted: checkpointing at the end of this step (Ctrl-C again to "
                       "stop at once)", flush=True)
 
+        previous = {}
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread
-                signal.signal(sig, handler)
+                previous[sig] = signal.signal(sig, handler)
+        return previous
+
+
+def restore_signal_handlers(previous: dict[int, Any]) -> None:
+    """Put back the handlers a run replaced: a handler left installed would keep the
+    finished trainer (and through its engine every process group) alive until the
+    interpreter exits, where destroying a gloo group's threads aborts the process."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def refresh_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:

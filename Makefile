@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-slurm lint lint-cluster bench-projector clean
+.PHONY: train test test-gpu test-slurm lint lint-cluster bench-projector clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ train: $(STAMP)
 
 test: lint lint-cluster
 	$(BIN)/python -m pytest tests
+
+# The CUDA tests alone (NCCL groups, pinned memory); run them on a GPU machine.
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m cuda tests
 
 # A real two-node SLURM on this machine (root; installs Debian's slurm-wlm the first time).
 test-slurm: $(STAMP)

@@ -71,10 +71,26 @@ class DataParallelComm(LocalComm):
     def __init__(self, group: dist.ProcessGroup | None = None, *,
                  check_consistency: bool = False) -> None:
         self.group = group
+        #: Where tensors this comm creates for a collective live (NCCL rejects CPU ones).
+        self.device = group_device(group)
         self.check_consistency = check_consistency
+
+    def all_ranks(self, flag: bool) -> bool:
+        """True on every rank iff ``flag`` is true on every rank (one MIN all-reduce)."""
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(t.item())
 
     def check_bases(self, bases: list[tuple[str, torch.Tensor, int]]) -> None:
         assert_bases_agree(bases, self.group)
+
+
+def group_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device collectives on ``group`` take their tensors on: the current CUDA device
+    where the group has NCCL (alone or as ``cpu:gloo,cuda:nccl``), else the CPU."""
+    if "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------- sharded tensors
@@ -129,7 +145,8 @@ def assert_bases_agree(bases: list[tuple[str, torch.Tensor, int]],
         b = basis.detach().double().flatten()
         ramp = torch.linspace(1.0, 2.0, b.numel(), dtype=torch.float64, device=b.device)
         rows.append(torch.stack([b.sum(), (b * ramp).sum(), b.new_tensor(float(count))]))
-    mine = torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+    device = group_device(group)
+    mine = (torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)).to(device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
     reference = gathered[0]

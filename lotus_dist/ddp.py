@@ -134,9 +134,7 @@ class LowRankDDPComm(DataParallelComm):
         return t.div_(self.world)
 
     def agree(self, flag: bool) -> bool:
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(t.item())
+        return self.all_ranks(flag)  # each rank judged only its own summand
 
     def stats_reduce(self, flat: torch.Tensor) -> torch.Tensor:
         # the stats come from reduced values and agree already; averaging makes the

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lotus_dist.comm import group_device
 from lotus_dist.optim import LotusAdamW
 
 #: Group keys that describe members rather than hyperparameters.
@@ -262,11 +263,11 @@ class ZeroLotusAdamW(LotusAdamW):
             self._telemetry = local
             return
         table = torch.zeros(len(self._projected_names), 1 + len(_TELEMETRY_FIELDS),
-                            dtype=torch.float64)
+                            dtype=torch.float64, device=group_device())
         for row, name in enumerate(self._projected_names):
             if name in local:
                 table[row] = torch.tensor([1.0, *(local[name][f] for f in _TELEMETRY_FIELDS)],
-                                          dtype=torch.float64)
+                                          dtype=torch.float64, device=table.device)
         dist.all_reduce(table)  # one owner per matrix: the sum is the owner's row
         self._telemetry = {
             name: {f: (int(v) if f in ("refresh_count", "steps_since_refresh") else float(v))

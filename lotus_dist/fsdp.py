@@ -171,9 +171,7 @@ class FSDPComm(DataParallelComm):
         return torch.cat(parts)[:rows]
 
     def agree(self, flag: bool) -> bool:
-        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.mesh.device_type)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(t.item())
+        return self.all_ranks(flag)  # each rank judged only its own shard
 
     def norm_sq_reduce(self, sq: torch.Tensor) -> torch.Tensor:
         return self._sum(sq.float().reshape(1), "stats").reshape(())

@@ -18,3 +18,15 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tokenizer = root / "tokenizer.json"
     train_tokenizer(LocalDocuments(corpus, "train"), 512, tokenizer)
     return corpus, tokenizer
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip, with the reason, where torch sees no GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (make test-gpu on a GPU machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

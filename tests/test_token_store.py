@@ -242,7 +242,7 @@ def test_prefetcher_raises_the_loaders_error_at_that_batch():
     staged.close()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+@pytest.mark.cuda
 def test_prefetcher_pins_batches_on_cuda():
     staged = Prefetcher(_Counting(), pin_memory=True)
     batch = next(staged)

@@ -223,8 +223,10 @@ class TrainingConfig:
     """Max global gradient norm; 0 disables clipping."""
     clip_on: Literal["auto", "gradient", "consumed"] = "auto"
     """Norm to clip on: the full gradient, or what the update consumes (R for projected
-    matrices); auto is consumed under low-rank DDP (which has no full gradient), else
-    gradient."""
+    matrices). auto is consumed for a low-rank optim.name on every engine and world size
+    but DeepSpeed (which clips the full gradient inside its step), so that one process,
+    DDP, low-rank DDP (which has no full gradient) and FSDP run the same algorithm;
+    gradient for adamw."""
     dtype: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
     """Compute dtype: auto is bf16 autocast on CUDA and fp32 on CPU; fp64 (CPU) runs model and
     optimizer in float64, for exactness tests."""
@@ -814,3 +816,10 @@ def _attribute_docs(cls: type) -> dict[str, str]:
 
 
 _SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def clips_consumed(cfg: Config) -> bool:
+    """Whether ``training.clip_on`` (auto resolved) clips on the consumed norm."""
+    if cfg.training.clip_on != "auto":
+        return cfg.training.clip_on == "consumed"
+    return cfg.optim.name in PROJECTED_OPTIMIZERS and cfg.parallel.engine != "deepspeed"

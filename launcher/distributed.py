@@ -11,6 +11,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from lotus_dist.precision import upcast
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -107,8 +109,9 @@ def agree_on_step(loss: torch.Tensor, *, nonfinite: bool, stop: bool,
     raised on any rank is raised on all. The one host copy at the end is the step's only
     sync for these values.
     """
-    flags = torch.tensor([nonfinite, stop, saving], dtype=torch.float32)
-    t = torch.cat([loss.detach().float().reshape(1), flags.to(loss.device)])
+    value = upcast(loss.detach()).reshape(1)  # fp64 in an fp64 run: the loss is compared
+    flags = torch.tensor([nonfinite, stop, saving], dtype=value.dtype, device=value.device)
+    t = torch.cat([value, flags])
     world = 1
     if dist.is_initialized() and dist.get_world_size() > 1:
         world = dist.get_world_size()

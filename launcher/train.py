@@ -12,7 +12,7 @@ import yaml
 from launcher.checkpoint import CheckpointError
 from launcher.config import Config, ConfigError, config_to_dict, load_config, validate_world_size
 from launcher.data import build_data
-from launcher.distributed import exit_process, init_distributed, made_a_group, teardown
+from launcher.distributed import DistInfo, exit_process, init_distributed, made_a_group, teardown
 from launcher.engines import build_engine
 from launcher.schedule import build_lr_scheduler
 from launcher.trainer import Trainer, TrainingError
@@ -22,37 +22,41 @@ from lotus_dist.model import MODEL_SIZES
 def run(cfg: Config, keep_alive: list[object] | None = None) -> dict:
     """Train as ``cfg`` says (this process is one rank of the job); return the summary.
 
-    ``keep_alive`` receives the trainer instead of letting it be freed on return. The
-    CLI passes one and then ends with ``exit_process``: freeing the objects that hold a
-    gloo group (DDP's reducer, FSDP's mesh) right after the last collective races the
-    group's worker threads for the GIL, a deadlock that CI met; never freed, they cannot.
+    The training objects are freed before the process group is destroyed (``_train``
+    returns first), while the group they reference is still registered, so dropping them
+    destroys no group. ``keep_alive`` receives the trainer instead: the CLI passes one
+    and then ends with ``exit_process``. Destroying a gloo group right after its last
+    collective races its worker threads for the GIL, a deadlock CI met once.
     """
     dist_info = init_distributed(cfg.parallel.timeout_s)
     try:
-        accum_steps = validate_world_size(cfg, dist_info.world_size)
-        torch.manual_seed(cfg.training.seed)
-        train_data, eval_data, vocab_size = build_data(cfg, dist_info)
-        model_cfg = dataclasses.replace(MODEL_SIZES[cfg.model.size], vocab_size=vocab_size,
-                                        max_seq_len=cfg.model.max_seq_len)
-        engine = build_engine(cfg, model_cfg, dist_info)
-        scheduler = build_lr_scheduler(engine.optimizer, cfg.training.warmup_steps,
-                                       cfg.training.steps, cfg.training.min_lr_ratio)
-        trainer = Trainer(cfg, dist_info, engine, scheduler, train_data, eval_data, accum_steps)
-        if dist_info.is_main:
-            Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.run.dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
-            trainer.log(f"{cfg.model.size} ({model_cfg.num_params / 1e6:.1f}M params) with "
-                        f"{cfg.optim.name} on {dist_info.world_size} rank(s) "
-                        f"({engine.name}), "
-                        f"{cfg.training.steps} steps -> {cfg.run.dir}")
-        if keep_alive is not None:
-            keep_alive.append(trainer)
-        summary = trainer.train()
-        if dist_info.is_main:
-            print_summary(summary)
-        return summary
+        return _train(cfg, dist_info, keep_alive)
     finally:
         teardown()
+
+
+def _train(cfg: Config, dist_info: DistInfo, keep_alive: list[object] | None) -> dict:
+    accum_steps = validate_world_size(cfg, dist_info.world_size)
+    torch.manual_seed(cfg.training.seed)
+    train_data, eval_data, vocab_size = build_data(cfg, dist_info)
+    model_cfg = dataclasses.replace(MODEL_SIZES[cfg.model.size], vocab_size=vocab_size,
+                                    max_seq_len=cfg.model.max_seq_len)
+    engine = build_engine(cfg, model_cfg, dist_info)
+    scheduler = build_lr_scheduler(engine.optimizer, cfg.training.warmup_steps,
+                                   cfg.training.steps, cfg.training.min_lr_ratio)
+    trainer = Trainer(cfg, dist_info, engine, scheduler, train_data, eval_data, accum_steps)
+    if dist_info.is_main:
+        Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run.dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+        trainer.log(f"{cfg.model.size} ({model_cfg.num_params / 1e6:.1f}M params) with "
+                    f"{cfg.optim.name} on {dist_info.world_size} rank(s) ({engine.name}), "
+                    f"{cfg.training.steps} steps -> {cfg.run.dir}")
+    if keep_alive is not None:
+        keep_alive.append(trainer)
+    summary = trainer.train()
+    if dist_info.is_main:
+        print_summary(summary)
+    return summary
 
 
 def print_summary(summary: dict) -> None:

@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from launcher import checkpoint
 from launcher.config import Config
 from launcher.distributed import DistInfo, agree_on_step, all_reduce_sum
-from launcher.engines.base import Engine
+from launcher.engines.base import Engine, param_dtype
 from launcher.health import DivergenceGuard
 from launcher.metrics import MetricsLogger, write_summary
 from launcher.schedule import LRSchedule
 from launcher.train_state import JsonState, TrainState
 from lotus_dist import LotusAdamW
 from lotus_dist.optim import NonFiniteGradientError
+from lotus_dist.precision import upcast
 
 # Dense bf16 peak of the GPUs we expect, for MFU; unknown devices report no MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -85,6 +86,8 @@ class Trainer:
             cfg.training.dtype == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if use_bf16 else contextlib.nullcontext())
+        #: The dtype losses are summed in: fp64 in an fp64 run, where they are compared.
+        self.loss_dtype = param_dtype(cfg.training.dtype)
 
     # ----------------------------------------------------------------- checkpoint state
 
@@ -293,12 +296,12 @@ class Trainer:
         self.model.train()
         batch = next(train_iter).to(self.device, non_blocking=True)
         micro_batches = batch.split(self.cfg.training.micro_batch_size)
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros((), device=self.device, dtype=self.loss_dtype)
         for i, micro in enumerate(micro_batches):
             with self.engine.micro_batch(last=i == len(micro_batches) - 1):
                 with self.autocast:
                     logits = self.model(micro[:, :-1])
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), micro[:, 1:].flatten())
+                loss = F.cross_entropy(upcast(logits.flatten(0, 1)), micro[:, 1:].flatten())
                 self.engine.backward(loss / self.accum_steps)
             loss_sum += loss.detach()
         skipped_before = getattr(self.optimizer, "skipped_steps", 0)
@@ -334,7 +337,7 @@ class Trainer:
             for micro in batch.split(self.cfg.training.micro_batch_size):
                 with self.autocast:
                     logits = self.model(micro[:, :-1])
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), micro[:, 1:].flatten(),
+                loss = F.cross_entropy(upcast(logits.flatten(0, 1)), micro[:, 1:].flatten(),
                                        reduction="sum")
                 total += torch.stack([loss.double(), torch.tensor(micro[:, 1:].numel(),
                                                                   dtype=torch.float64,

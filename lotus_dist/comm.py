@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
+from lotus_dist.precision import upcast
 from lotus_dist.projection import RsvdComm, project, project_back
 
 
@@ -103,13 +104,14 @@ def local_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def partial_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """This rank's share of <a, b> (fp32): summed over ranks it is the global value.
+    """This rank's share of <a, b> (in the compute dtype): summed over ranks it is the
+    global value.
 
     ``a`` and ``b`` are plain tensors or DTensors laid out alike. A sharded pair
     contributes its local part; a pair replicated over a mesh dimension counts on that
     dimension's first rank only, so a replicated quantity is not summed once per rank.
     """
-    dot = (local_view(a).float() * local_view(b).float()).sum()
+    dot = (upcast(local_view(a)) * upcast(local_view(b))).sum()
     if isinstance(a, DTensor) and not _owns_replica(a):
         return torch.zeros_like(dot)
     return dot

@@ -25,6 +25,7 @@ from torch import nn
 
 from lotus_dist.comm import DataParallelComm
 from lotus_dist.optim import LotusAdamW
+from lotus_dist.precision import upcast
 from lotus_dist.projection import RsvdComm, project, projection_side
 
 BYTES_KINDS = ("lowrank_gradients", "full_gradients", "sketches", "stats")
@@ -99,9 +100,9 @@ class LowRankDDPComm(DataParallelComm):
         b, self._bucket = self._bucket, _Bucket()
         if not b.tensors:
             return
-        flat = torch.cat([t.reshape(-1).float() for t in b.tensors])
+        flat = torch.cat([upcast(t.reshape(-1)) for t in b.tensors])
         for (_, kind), t in zip(b.keys, b.tensors):
-            self.bytes[kind] += t.numel() * 4
+            self.bytes[kind] += t.numel() * flat.element_size()
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self._inflight.append((work, flat, b))
 
@@ -128,8 +129,8 @@ class LowRankDDPComm(DataParallelComm):
     # ----------------------------------------------------------------- optimizer side
 
     def _mean(self, t: torch.Tensor, kind: str) -> torch.Tensor:
-        t = t.float().contiguous()
-        self.bytes[kind] += t.numel() * 4
+        t = upcast(t).contiguous()
+        self.bytes[kind] += t.numel() * t.element_size()
         dist.all_reduce(t, group=self.group)
         return t.div_(self.world)
 

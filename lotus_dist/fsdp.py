@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from lotus_dist.comm import DataParallelComm, local_view
 from lotus_dist.optim import LotusAdamW
 from lotus_dist.param_groups import lotus_param_groups
+from lotus_dist.precision import upcast
 from lotus_dist.projection import RsvdComm, project, project_back, projection_side
 
 
@@ -174,7 +175,7 @@ class FSDPComm(DataParallelComm):
         return self.all_ranks(flag)  # each rank judged only its own shard
 
     def norm_sq_reduce(self, sq: torch.Tensor) -> torch.Tensor:
-        return self._sum(sq.float().reshape(1), "stats").reshape(())
+        return self._sum(upcast(sq).reshape(1), "stats").reshape(())
 
     def stats_reduce(self, flat: torch.Tensor) -> torch.Tensor:
         """One all-reduce per step of every matrix's partial sums: all ranks then hold

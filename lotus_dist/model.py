@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from lotus_dist.precision import upcast
+
 INIT_STD = 0.02
 """Std of the normal init of every linear and embedding weight (HF ``initializer_range``)."""
 
@@ -111,7 +113,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
+        x32 = upcast(x)  # fp32 under bf16, fp64 in an fp64 model
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -221,7 +223,7 @@ class Llama(nn.Module):
         sin = self.rope_sin[:seq_len].to(h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin)
-        return self.lm_head(self.norm(h)).float()
+        return upcast(self.lm_head(self.norm(h)))
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -297,9 +299,12 @@ def build_model_on_meta(cfg: LlamaConfig) -> Llama:
         return Llama(cfg)
 
 
-def build_model(cfg: LlamaConfig, device: torch.device | str = "cpu", seed: int = 0) -> Llama:
-    """A ready-to-train model on one device: meta construction, to_empty, init_weights."""
-    model = build_model_on_meta(cfg)
+def build_model(cfg: LlamaConfig, device: torch.device | str = "cpu", seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> Llama:
+    """A ready-to-train model on one device: meta construction, to_empty, init_weights.
+    Weights are drawn in fp32 whatever ``dtype``, so an fp64 model starts from the
+    fp32 model's values."""
+    model = build_model_on_meta(cfg).to(dtype)
     model.to_empty(device=device)
     model.init_weights(seed)
     return model

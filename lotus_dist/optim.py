@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lotus_dist.comm import LocalComm, local_view, partial_dot
+from lotus_dist.precision import compute_dtype, upcast
 from lotus_dist.projection import (
     PROJ_TYPES,
     PROJECTIONS,
@@ -229,7 +230,7 @@ class LotusAdamW(torch.optim.Optimizer):
         present = [s for s in stats if s is not None]
         if not present:
             return stats
-        flat = self.comm.stats_reduce(torch.cat([s.float() for s in present]))
+        flat = self.comm.stats_reduce(torch.cat([upcast(s) for s in present]))
         parts = iter(flat.split([s.numel() for s in present]))
         return [None if s is None else next(parts) for s in stats]
 
@@ -257,7 +258,8 @@ class LotusAdamW(torch.optim.Optimizer):
                                power_iters=group["power_iters"], generator=gen,
                                comm=self.comm.rsvd_comm(p))
         elif kind == "random":
-            basis = random_basis(projected_dim(p.shape, side), rank, gen, grad.device)
+            basis = random_basis(projected_dim(p.shape, side), rank, gen, grad.device,
+                                 compute_dtype(grad))
         else:
             basis = grassmann_step(state["basis"], group["walk_step"], gen)
         if "basis" in state:
@@ -305,7 +307,7 @@ class LotusAdamW(torch.optim.Optimizer):
         update = self.comm.project_back(p, norm_r, state["basis"], side).mul_(group["scale"])
         if group["recovery_scaling"]:
             # Fira adds the residual term without GaLore's scale (docs/algorithm.md)
-            residual = local_view(p.grad).float() - self.comm.project_back(p, r, state["basis"],
+            residual = upcast(local_view(p.grad)) - self.comm.project_back(p, r, state["basis"],
                                                                             side)
             update += _recovery_term(group, state, residual, local_view(r), local_view(norm_r),
                                      side, self.comm)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lotus_dist.precision import upcast
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -47,13 +49,13 @@ def projected_dim(shape: tuple[int, int] | torch.Size, side: str) -> int:
 
 
 def project(grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
-    """Low-rank coordinates of ``grad`` in ``basis`` (fp32)."""
-    g = grad.float()
+    """Low-rank coordinates of ``grad`` in ``basis`` (in the compute dtype)."""
+    g = upcast(grad)
     return basis.T @ g if side == "left" else g @ basis
 
 
 def project_back(low_rank: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
-    """Map low-rank coordinates back to the weight's shape (fp32)."""
+    """Map low-rank coordinates back to the weight's shape (in the compute dtype)."""
     return basis @ low_rank if side == "left" else low_rank @ basis.T
 
 
@@ -78,7 +80,7 @@ def refresh_generator(seed: int, param_index: int, refresh_count: int,
 
 def _oriented(grad: torch.Tensor, side: str) -> torch.Tensor:
     """View G as A (d x k) whose column space the basis approximates."""
-    g = grad.float()
+    g = upcast(grad)
     return g if side == "left" else g.T
 
 
@@ -88,7 +90,7 @@ def svd_basis(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
     Using G (not G^T) keeps the sign convention of GaLore's basis, which matters when Adam
     moments are kept across refreshes.
     """
-    u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+    u, _, vh = torch.linalg.svd(upcast(grad), full_matrices=False)
     return u[:, :rank].contiguous() if side == "left" else vh[:rank].T.contiguous()
 
 
@@ -167,7 +169,9 @@ def rsvd_basis(
     d, k = comm.shape or a.shape
     width = min(rank + oversample, d)
     if omega is None:
-        omega = torch.randn(k, width, generator=generator, device=a.device, dtype=torch.float32)
+        # drawn in fp32 whatever the compute dtype: fp32 and fp64 runs sketch alike
+        omega = torch.randn(k, width, generator=generator, device=a.device,
+                            dtype=torch.float32).to(a.dtype)
         if comm.columns is not None:
             omega = omega[comm.columns]
     y = comm.sketch(a @ omega)
@@ -241,10 +245,11 @@ def align_signs(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
 
 
 def random_basis(d: int, rank: int, generator: torch.Generator,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
+                 device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An orthonormalised Gaussian basis, independent of the gradient (GrassJump / RSO)."""
     z = torch.randn(d, rank, generator=generator, device=device, dtype=torch.float32)
-    return orthonormalize(z)
+    return orthonormalize(z.to(dtype))
 
 
 def grassmann_step(basis: torch.Tensor, step: float, generator: torch.Generator) -> torch.Tensor:
@@ -256,7 +261,8 @@ def grassmann_step(basis: torch.Tensor, step: float, generator: torch.Generator)
     (radians) between the old and the new subspace.
     """
     d, r = basis.shape
-    z = torch.randn(d, r, generator=generator, device=basis.device, dtype=torch.float32)
+    z = torch.randn(d, r, generator=generator, device=basis.device,
+                    dtype=torch.float32).to(basis.dtype)
     x = z - basis @ (basis.T @ z)
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
     angles = s / s.max().clamp_min(torch.finfo(s.dtype).tiny) * step
@@ -266,7 +272,7 @@ def grassmann_step(basis: torch.Tensor, step: float, generator: torch.Generator)
 
 def captured_energy(low_rank: torch.Tensor, grad: torch.Tensor) -> float:
     """||R||_F / ||G||_F: the fraction of gradient norm the basis keeps."""
-    g_norm = grad.float().norm()
+    g_norm = upcast(grad).norm()
     return float(low_rank.norm() / g_norm) if g_norm > 0 else math.nan
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from lotus_dist.comm import partial_dot
+from lotus_dist.precision import upcast
 from lotus_dist.projection import orthogonal_sketch
 
 State = dict[str, Any]
@@ -76,7 +77,7 @@ def _record_energy(state: State, r_sq: float, g_sq: float) -> None:
 def _grad_sq(grad: ConsumedGrad, like: torch.Tensor) -> torch.Tensor:
     """||G||^2, or NaN where no rank holds the consumed gradient (low-rank DDP)."""
     g = grad.tensor
-    return _sq(g.float()) if g is not None else torch.full((), math.nan, device=like.device)
+    return _sq(upcast(g)) if g is not None else torch.full((), math.nan, device=like.device)
 
 
 def _unit_displacement(dot: float, sq_a: float, sq_b: float) -> float:

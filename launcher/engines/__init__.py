@@ -7,9 +7,9 @@ optimizer is built on the parameters the engine will update.
 
 from __future__ import annotations
 
-from launcher.config import PROJECTED_OPTIMIZERS, Config, ConfigError
+from launcher.config import PROJECTED_OPTIMIZERS, Config, ConfigError, clips_consumed
 from launcher.distributed import DistInfo
-from launcher.engines.base import Engine
+from launcher.engines.base import Engine, param_dtype
 from launcher.optimizer import build_optimizer
 from lotus_dist import LotusAdamW
 from lotus_dist.comm import DataParallelComm
@@ -30,7 +30,8 @@ def build_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo) -> En
         from launcher.engines.fsdp import build_fsdp_engine
 
         return build_fsdp_engine(cfg, model_cfg, dist_info)
-    raw_model = build_model(model_cfg, device=dist_info.device, seed=cfg.training.seed)
+    raw_model = build_model(model_cfg, device=dist_info.device, seed=cfg.training.seed,
+                            dtype=param_dtype(cfg.training.dtype))
     optimizer = build_optimizer(cfg.optim, raw_model, seed=cfg.training.seed)
     if cfg.optim.per_layer:
         optimizer.register_per_layer_hooks()
@@ -55,7 +56,7 @@ def build_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo) -> En
         if isinstance(optimizer, LotusAdamW):  # every rank computes the same bases itself
             optimizer.comm = DataParallelComm(check_consistency=cfg.parallel.check_consistency)
         engine = DDPEngine(raw_model, optimizer, dist_info)
-    engine.clip_consumed = clip_on == "consumed"
+    engine.clip_consumed = clips_consumed(cfg)
     return engine
 
 

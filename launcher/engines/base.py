@@ -19,6 +19,12 @@ from launcher.train_state import ModelState, OptimizerState
 from lotus_dist import LotusAdamW
 
 
+def param_dtype(training_dtype: str) -> torch.dtype:
+    """The parameters' dtype: fp64 for ``training.dtype=fp64`` (model and optimizer in
+    float64, for exactness tests), else fp32 (bf16 runs autocast their compute)."""
+    return torch.float64 if training_dtype == "fp64" else torch.float32
+
+
 class Engine:
     """One process (and the base of the others): plain autograd, no communication.
 

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from launcher.checkpoint import CheckpointError
 from launcher.config import PROJECTED_OPTIMIZERS, Config, ConfigError, validate_world_size
 from launcher.distributed import DistInfo
-from launcher.engines.base import Engine
+from launcher.engines.base import Engine, param_dtype
 from launcher.optimizer import build_optimizer
 from lotus_dist.deepspeed import PartitionLayoutError, ZeroLotusAdamW
 from lotus_dist.model import LlamaConfig, build_model
@@ -157,7 +157,8 @@ def build_deepspeed_engine(cfg: Config, model_cfg: LlamaConfig,
         raise ConfigError("parallel.engine=deepspeed needs DeepSpeed: "
                           "pip install -c constraints.txt -e '.[deepspeed]'") from e
 
-    model = build_model(model_cfg, device=dist_info.device, seed=cfg.training.seed)
+    model = build_model(model_cfg, device=dist_info.device, seed=cfg.training.seed,
+                        dtype=param_dtype(cfg.training.dtype))
     optimizer = build_optimizer(cfg.optim, model, seed=cfg.training.seed)
     if isinstance(optimizer, torch.optim.AdamW):
         client: torch.optim.Optimizer = optimizer

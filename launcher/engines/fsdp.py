@@ -18,9 +18,9 @@ from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from launcher.config import PROJECTED_OPTIMIZERS, Config, ConfigError
+from launcher.config import PROJECTED_OPTIMIZERS, Config, ConfigError, clips_consumed
 from launcher.distributed import DistInfo
-from launcher.engines.base import Engine
+from launcher.engines.base import Engine, param_dtype
 from launcher.optimizer import build_optimizer
 from lotus_dist import LotusAdamW
 from lotus_dist.comm import partial_dot
@@ -37,7 +37,7 @@ def build_fsdp_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo) 
         raise ConfigError("training.clip_on=consumed needs a low-rank optim.name ("
                           f"{', '.join(PROJECTED_OPTIMIZERS)})")
     mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
-    model = build_model_on_meta(model_cfg)
+    model = build_model_on_meta(model_cfg).to(param_dtype(cfg.training.dtype))
     sides = (projected_sides(model, o.rank, o.target_modules, o.proj_type)
              if o.name in PROJECTED_OPTIMIZERS else {})
     mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -55,7 +55,7 @@ def build_fsdp_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo) 
     accum_steps = cfg.training.batch_size // (dist_info.world_size * cfg.training.micro_batch_size)
     engine = FSDPEngine(model, optimizer, dist_info, mesh, accum_steps,
                         param_bytes=2 if cfg.parallel.mixed_precision == "bf16" else 4)
-    engine.clip_consumed = cfg.training.clip_on == "consumed"
+    engine.clip_consumed = clips_consumed(cfg)
     return engine
 
 

@@ -228,8 +228,8 @@ class TrainingConfig:
     DDP, low-rank DDP (which has no full gradient) and FSDP run the same algorithm;
     gradient for adamw."""
     dtype: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
-    """Compute dtype: auto is bf16 autocast on CUDA and fp32 on CPU; fp64 (CPU) runs model and
-    optimizer in float64, for exactness tests."""
+    """Compute dtype: auto is bf16 autocast on CUDA and fp32 on CPU; fp64 runs model, loss
+    and optimizer in float64, where N ranks equal 1 rank to 1e-9 (exactness tests)."""
     log_interval: int = 10
     """Steps between metric rows and progress lines."""
     max_skipped_steps: int = 10
@@ -754,6 +754,9 @@ def _rule_problems(cfg: Config) -> list[str]:
          "training.dtype"),
         (p.deepspeed_config is None or p.engine == "deepspeed",
          "parallel.deepspeed_config is set but parallel.engine is not deepspeed"),
+        (t.dtype != "fp64" or p.mixed_precision == "none",
+         "training.dtype=fp64 keeps every tensor in float64: leave "
+         "parallel.mixed_precision=none"),
         (bool(r.dir), "run.dir must not be empty"),
         (c.interval >= 0, "checkpoint.interval must be >= 0 (0 = off)"),
         (c.keep_latest >= 0, "checkpoint.keep_latest must be >= 0 (0 = keep all)"),

@@ -169,6 +169,8 @@ def test_section_must_be_a_mapping(tmp_path):
     (["training.steps=0", "training.warmup_steps=0"], r"training\.steps must be > 0"),
     (["optim.gamma=-1"], r"optim\.gamma must be > 0"),
     (["optim.verify_gap=0"], r"optim\.verify_gap must be >= 1"),
+    (["training.dtype=fp64", "parallel.engine=fsdp", "parallel.mixed_precision=bf16"],
+     r"training\.dtype=fp64 keeps every tensor in float64"),
     (["training.batch_size=12"], r"training\.batch_size \(12\) must be a multiple of "
                                  r"training\.micro_batch_size \(8\)"),
     (["training.seq_len=2048"], r"training\.seq_len \(2048\) exceeds model\.max_seq_len"),

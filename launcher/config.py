@@ -30,6 +30,7 @@ import difflib
 import inspect
 import itertools
 import keyword
+import os
 import textwrap
 import types
 import typing
@@ -464,7 +465,10 @@ def config_help() -> str:
 def _warn_about_keys(cfg: Config, path: str, file_values: dict[str, Any],
                      preset: dict[str, Any], set_keys: set[str]) -> None:
     """One ConfigWarning for keys set but unused by the method, one for file ``optim:``
-    keys that the preset replaced (a --set of the key silences both of its own)."""
+    keys that the preset replaced (a --set of the key silences both of its own). Only
+    rank 0 of a job warns: every rank loads the same config."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     name, defaults = cfg.optim.name, OptimConfig()
     unused = unused_optim_keys(cfg.optim)
     ignored = [f"optim.{key} (--set)" for key in sorted(unused) if f"optim.{key}" in set_keys]

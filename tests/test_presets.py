@@ -337,3 +337,14 @@ def test_help_lists_every_preset_with_its_source():
         entry = text.split(f"methods.{name} (", 1)[1].split("\n")[1].strip()
         assert entry, name
     assert "lr=0.01, scale=0.25, update_proj_gap=200, projection='svd'" in text
+
+
+def test_only_rank_zero_warns_about_unused_keys(monkeypatch):
+    """Every rank loads the config; one warning per job, not one per rank."""
+    monkeypatch.setenv("RANK", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        load_config("configs/tiny.yaml", ["optim.name=adamw", "optim.gamma=0.5"])
+    monkeypatch.setenv("RANK", "0")
+    with pytest.warns(ConfigWarning, match="optim.gamma"):
+        load_config("configs/tiny.yaml", ["optim.name=adamw", "optim.gamma=0.5"])

@@ -65,6 +65,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.stateful import Stateful
 
+from launcher.distributed import all_gather_objects, barrier, from_rank0, new_cpu_group
 from launcher.safe_metadata import SafeFileSystemReader, SafeLoadPlanner, UnsafeContentError
 from launcher.train_state import ModelState
 from lotus_dist.data import DataError
@@ -128,7 +129,7 @@ def save(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep_latest: in
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         failure, cause = _save_failure(e, final, tensor_bytes), e
     _raise_agreed(failure, tmp, cause)  # every shard is on disk, or every rank raises
-    files = _from_rank0(_list_files(tmp) if _rank() == 0 else None)
+    files = from_rank0(_list_files(tmp) if _rank() == 0 else None)
     try:
         share = _hash_share(tmp, files)
     except OSError as e:
@@ -244,7 +245,7 @@ def _begin_save(ckpt_dir: str | Path, step: int) -> tuple[Path, Path]:
     if _rank() == 0:
         final.parent.mkdir(parents=True, exist_ok=True)
         _remove_scratch(final.parent)
-    _barrier()  # no rank writes into a directory rank 0 is still removing
+    barrier()  # no rank writes into a directory rank 0 is still removing
     return final, final.with_name(final.name + ".tmp")
 
 
@@ -266,7 +267,7 @@ def _wait_and_hash(upload: Future, tmp: Path, rank: int, world: int) -> dict[str
 
 def _raise_agreed(failure: str | None, tmp: Path, cause: BaseException | None) -> None:
     """Collective: if any rank failed, every rank raises the first rank's failure."""
-    failure = _first(_all_gather(failure))
+    failure = _first(all_gather_objects(failure))
     if failure:
         _abort(tmp, failure, cause)
 
@@ -274,7 +275,7 @@ def _raise_agreed(failure: str | None, tmp: Path, cause: BaseException | None) -
 def _merge_shares(share: dict[str, Any], failure: str | None, tmp: Path,
                   cause: BaseException | None) -> dict[str, Any]:
     """Collective: all ranks' checksums, or the first failure any rank had, raised on all."""
-    gathered = _all_gather((share, failure))
+    gathered = all_gather_objects((share, failure))
     failure = _first(f for _s, f in gathered)
     if failure:
         _abort(tmp, failure, cause)
@@ -307,7 +308,7 @@ def _abort(tmp: Path, failure: str, cause: BaseException | None) -> None:
     and raise ``failure`` on every rank."""
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
+    barrier()
     raise CheckpointError(failure) from cause
 
 
@@ -438,7 +439,7 @@ def _verify_checksums(path: Path, marker: dict[str, Any], only: list[str] | None
     damage = [why for name in _share(names, rank, world)
               if (why := _damage(path, name, recorded[name]))]
     if collective:
-        damage = [why for each in _all_gather(damage) for why in each]
+        damage = [why for each in all_gather_objects(damage) for why in each]
     if damage:
         more = f" (and {len(damage) - 1} more damaged files)" if len(damage) > 1 else ""
         raise _corrupt(path, damage[0] + more)
@@ -794,29 +795,6 @@ def _world_size() -> int:
     return dist.get_world_size() if _distributed() else 1
 
 
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order (a list of one without a process group)."""
-    if not _distributed():
-        return [obj]
-    gathered: list[Any] = [None] * _world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def _from_rank0(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not _distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _first(items: Any) -> Any:
     return next((item for item in items if item), None)
 
@@ -832,7 +810,7 @@ def _async_group() -> Any:
         return None
     world = dist.group.WORLD
     if _async_group_of is None or _async_group_of[0] is not world:
-        _async_group_of = (world, dist.new_group(backend="gloo"))
+        _async_group_of = (world, new_cpu_group())
     return _async_group_of[1]
 
 
@@ -874,7 +852,7 @@ def prune(ckpt_dir: str | Path, keep_latest: int, protect_step: int | None = Non
 def set_aside(ckpt_dir: str | Path, from_step: int) -> list[Path]:
     """Rename complete checkpoints of step >= ``from_step`` to ``step-N.diverged`` (kept for
     inspection, never resumed from); return their new paths. Collective."""
-    _barrier()  # every rank lists the checkpoints before rank 0 renames any
+    barrier()  # every rank lists the checkpoints before rank 0 renames any
     moved = []
     for step, path in _complete_checkpoints(Path(ckpt_dir)):
         if step >= from_step:
@@ -884,7 +862,7 @@ def set_aside(ckpt_dir: str | Path, from_step: int) -> list[Path]:
                     shutil.rmtree(target)
                 os.replace(path, target)
             moved.append(target)
-    _barrier()
+    barrier()
     return moved
 
 
@@ -894,4 +872,4 @@ def remove_scratch(ckpt_dir: str | Path) -> None:
     ckpt_dir = Path(ckpt_dir)
     if _rank() == 0 and ckpt_dir.is_dir():
         _remove_scratch(ckpt_dir)
-    _barrier()
+    barrier()

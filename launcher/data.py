@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from launcher.config import Config, ConfigError
+from launcher.config import Config, ConfigError, DataConfig
 from launcher.distributed import DistInfo
 from lotus_dist.data import (
     STORE_TOKENIZER,
@@ -28,8 +28,20 @@ from lotus_dist.data import (
 )
 
 SAMPLE_DIR = Path("data/sample")
+SAMPLE_TOKENIZER = SAMPLE_DIR / "tokenizer.json"
 PREFETCH_DEPTH = 2
 """Global batches staged ahead of the training loop (by a background thread)."""
+
+
+def build_sample_if_default(d: DataConfig) -> None:
+    """Build the embedded sample corpus (and its tokenizer) on first use when
+    ``data.path`` is the default folder. The sample tokenizer is built at its own path
+    only: a mistyped ``data.tokenizer`` is a missing-file error when it is loaded, not a
+    new tokenizer trained at the typo."""
+    if Path(d.path) != SAMPLE_DIR:
+        return
+    own = Path(d.tokenizer) == SAMPLE_TOKENIZER
+    ensure_sample_assets(d.path, d.tokenizer if own else None, vocab_size=d.tokenizer_vocab_size)
 
 
 def build_data(cfg: Config, dist_info: DistInfo) -> tuple[Prefetcher, EvalBatches, int]:
@@ -52,8 +64,7 @@ def build_data(cfg: Config, dist_info: DistInfo) -> tuple[Prefetcher, EvalBatche
     ``evals.data_errors`` (read once, here).
     """
     d, t = cfg.data, cfg.training
-    if Path(d.path) == SAMPLE_DIR:
-        ensure_sample_assets(d.path, d.tokenizer, vocab_size=d.tokenizer_vocab_size)
+    build_sample_if_default(d)
     if is_unfinished_store(d.path):
         raise DataError(f"data.path={d.path!r} is a token store whose prepare was interrupted: "
                         "run the same lotus-train data prepare command again to finish it")

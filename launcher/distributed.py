@@ -1,4 +1,7 @@
-"""Process-group set-up from torchrun/srun environment variables, and small collectives."""
+"""Process-group set-up from torchrun/srun environment variables, and the launcher's
+collectives: with ``lotus_dist.comm`` (and the comms of ``lotus_dist.ddp`` and
+``lotus_dist.fsdp``) the only code that calls ``torch.distributed`` collectives
+(``tests/test_comm_boundary.py``)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -123,12 +127,45 @@ def agree_on_step(loss: torch.Tensor, *, nonfinite: bool, stop: bool,
                        stop=n_stop > 0, saving=n_saving > 0)
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (identity without a process group)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum over ranks, into a copy (identity without a process group)."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
         t = t.clone()
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=group)
     return t
+
+
+def _grouped() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    """Every rank has reached this point (nothing without a process group)."""
+    if _grouped():
+        dist.barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (a list of one without a process group)."""
+    if not _grouped():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not _grouped():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def new_cpu_group() -> dist.ProcessGroup:
+    """A new gloo group over all ranks (collective: every rank calls it together)."""
+    return dist.new_group(backend="gloo")
 
 
 def teardown() -> None:

@@ -10,10 +10,26 @@ import torch
 import yaml
 
 from launcher.checkpoint import CheckpointError
-from launcher.config import Config, ConfigError, config_to_dict, load_config, validate_world_size
+from launcher.config import (
+    PROJECTED_OPTIMIZERS,
+    Config,
+    ConfigError,
+    clips_consumed,
+    config_to_dict,
+    load_config,
+    validate_world_size,
+)
 from launcher.data import build_data
-from launcher.distributed import DistInfo, exit_process, init_distributed, made_a_group, teardown
+from launcher.distributed import (
+    DistInfo,
+    exit_process,
+    from_rank0,
+    init_distributed,
+    made_a_group,
+    teardown,
+)
 from launcher.engines import build_engine
+from launcher.run_dir import check_run_dir
 from launcher.schedule import build_lr_scheduler
 from launcher.trainer import Trainer, TrainingError
 from lotus_dist.model import MODEL_SIZES
@@ -37,6 +53,10 @@ def run(cfg: Config, keep_alive: list[object] | None = None) -> dict:
 
 def _train(cfg: Config, dist_info: DistInfo, keep_alive: list[object] | None) -> dict:
     accum_steps = validate_world_size(cfg, dist_info.world_size)
+    # Decided on rank 0 and shared, before anything is built: every rank stops together.
+    problem, changes = from_rank0(check_run_dir(cfg) if dist_info.is_main else None)
+    if problem:
+        raise ConfigError(problem)
     torch.manual_seed(cfg.training.seed)
     train_data, eval_data, vocab_size = build_data(cfg, dist_info)
     model_cfg = dataclasses.replace(MODEL_SIZES[cfg.model.size], vocab_size=vocab_size,
@@ -51,6 +71,15 @@ def _train(cfg: Config, dist_info: DistInfo, keep_alive: list[object] | None) ->
         trainer.log(f"{cfg.model.size} ({model_cfg.num_params / 1e6:.1f}M params) with "
                     f"{cfg.optim.name} on {dist_info.world_size} rank(s) ({engine.name}), "
                     f"{cfg.training.steps} steps -> {cfg.run.dir}")
+        t, o = cfg.training, cfg.optim
+        rank = f", rank {o.rank}" if o.name in PROJECTED_OPTIMIZERS else ""
+        clip = (f"clip {'consumed' if clips_consumed(cfg) else 'gradient'} norm at "
+                f"{t.grad_clip:g}" if t.grad_clip > 0 else "no clipping")
+        trainer.log(f"batch {t.batch_size} x {t.seq_len} = {t.batch_size * t.seq_len:,} tokens "
+                    f"per step ({accum_steps} micro-batch(es) of {t.micro_batch_size} per "
+                    f"rank), lr {o.lr:g}{rank}, {clip}")
+        if changes:
+            trainer.log("resuming with changed settings: " + ", ".join(changes))
     if keep_alive is not None:
         keep_alive.append(trainer)
     summary = trainer.train()

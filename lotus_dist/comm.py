@@ -1,5 +1,10 @@
 """What LotusAdamW asks of the parallelism around it; the default is one process.
 
+This module, with the comms of ``lotus_dist.ddp`` and ``lotus_dist.fsdp`` (and, for the
+launcher, ``launcher.distributed``), is the library's only caller of ``torch.distributed``
+collectives (``tests/test_comm_boundary.py``): each creates the tensors it sends on its
+group's device (``group_device``).
+
 A distributed engine installs a subclass as ``optimizer.comm`` (``DataParallelComm`` for
 plain DDP, low-rank DDP in ``lotus_dist.ddp``, FSDP in ``lotus_dist.fsdp``). The
 optimizer never calls ``torch.distributed`` itself: every collective it needs goes
@@ -84,6 +89,17 @@ class DataParallelComm(LocalComm):
 
     def check_bases(self, bases: list[tuple[str, torch.Tensor, int]]) -> None:
         assert_bases_agree(bases, self.group)
+
+
+def sum_over_ranks(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum ``t`` over the ranks of ``group`` in place (``t`` must be on its device)."""
+    dist.all_reduce(t, group=group)
+    return t
+
+
+def barrier(group: dist.ProcessGroup | None = None) -> None:
+    """Every rank of ``group`` has reached this point."""
+    dist.barrier(group=group)
 
 
 def group_device(group: dist.ProcessGroup | None = None) -> torch.device:

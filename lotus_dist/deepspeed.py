@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lotus_dist.comm import group_device
+from lotus_dist.comm import group_device, sum_over_ranks
 from lotus_dist.optim import LotusAdamW
 
 #: Group keys that describe members rather than hyperparameters.
@@ -268,7 +268,7 @@ class ZeroLotusAdamW(LotusAdamW):
             if name in local:
                 table[row] = torch.tensor([1.0, *(local[name][f] for f in _TELEMETRY_FIELDS)],
                                           dtype=torch.float64, device=table.device)
-        dist.all_reduce(table)  # one owner per matrix: the sum is the owner's row
+        sum_over_ranks(table)  # one owner per matrix: the sum is the owner's row
         self._telemetry = {
             name: {f: (int(v) if f in ("refresh_count", "steps_since_refresh") else float(v))
                    for f, v in zip(_TELEMETRY_FIELDS, row[1:].tolist())}

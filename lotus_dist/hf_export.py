@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from lotus_dist.comm import barrier
 from lotus_dist.model import INIT_STD, Llama, canonical_name
 
 
@@ -83,7 +84,7 @@ def export_hf(model: Llama, out_dir: str | os.PathLike, dtype: torch.dtype = tor
     if writer:
         _write(model, tensors, out_dir, dtype)
     if distributed:
-        dist.barrier()  # on every rank, the export is on disk when this returns
+        barrier()  # on every rank, the export is on disk when this returns
     return out_dir
 
 

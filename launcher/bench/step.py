@@ -49,13 +49,13 @@ import torch
 
 from launcher.bench.projector import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
 from launcher.config import Config, load_config, validate_world_size
-from launcher.data import SAMPLE_DIR, model_vocab_size
+from launcher.data import build_sample_if_default, model_vocab_size
 from launcher.distributed import DistInfo
 from launcher.engines import build_engine
 from launcher.schedule import build_lr_scheduler
 from launcher.trainer import Trainer
 from lotus_dist import LotusAdamW
-from lotus_dist.data import PackedBatches, ensure_sample_assets, load_tokenizer, open_documents
+from lotus_dist.data import PackedBatches, load_tokenizer, open_documents
 from lotus_dist.model import MODEL_SIZES
 
 OPTIMIZERS = ("adamw", "galore", "lotus")
@@ -68,8 +68,7 @@ def generate_batches(cfg: Config, count: int) -> tuple[torch.Tensor, int]:
     """``count`` global batches of the config's corpus, once for every optimizer and size,
     and the model vocabulary (the tokenizer's unless model.vocab_size is set)."""
     d, t = cfg.data, cfg.training
-    if Path(d.path) == SAMPLE_DIR:
-        ensure_sample_assets(d.path, d.tokenizer, vocab_size=d.tokenizer_vocab_size)
+    build_sample_if_default(d)
     tokenizer = load_tokenizer(d.tokenizer)
     batches = PackedBatches(open_documents(d.path, "train", d.on_error), tokenizer, t.seq_len,
                             t.batch_size, seed=t.seed, shuffle_chunk=d.shuffle_chunk,

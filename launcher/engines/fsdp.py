@@ -12,14 +12,13 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from launcher.config import PROJECTED_OPTIMIZERS, Config, ConfigError, clips_consumed
-from launcher.distributed import DistInfo
+from launcher.distributed import DistInfo, all_reduce_sum
 from launcher.engines.base import Engine, param_dtype
 from launcher.optimizer import build_optimizer
 from lotus_dist import LotusAdamW
@@ -121,8 +120,8 @@ class FSDPEngine(Engine):
         if self.clip_consumed:
             return super().clip_grad_norm(max_norm)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        sq = torch.stack([partial_dot(g, g) for g in grads]).sum().reshape(1)
-        dist.all_reduce(sq, group=self.group)
+        sq = all_reduce_sum(torch.stack([partial_dot(g, g) for g in grads]).sum().reshape(1),
+                            self.group)
         norm = float(sq.sqrt())
         coef = max_norm / (norm + 1e-6)
         if max_norm > 0 and coef < 1.0:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, processors
 
-from lotus_dist.data import TextTokenizer, load_tokenizer, train_tokenizer
+from lotus_dist.data import DataError, TextTokenizer, load_tokenizer, train_tokenizer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -66,8 +66,23 @@ def test_unreachable_hub_tokenizer_is_an_error_naming_the_key(
 ) -> None:
     constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # fail now, not after retries
-    with pytest.raises(OSError, match=r"data\.tokenizer='lotus-dist/no-such-tokenizer'"):
+    with pytest.raises(DataError, match=r"data\.tokenizer='lotus-dist/no-such-tokenizer'"):
         load_tokenizer("lotus-dist/no-such-tokenizer")
+
+
+def test_unreachable_hub_tokenizer_ends_the_run_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path,
+) -> None:
+    """Offline, a hub tokenizer name (configs/60m.yaml's t5-base) ends the run with one
+    'lotus-train: error:' line saying what to use instead, not a traceback."""
+    from launcher.train import main
+
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit, match=r"^lotus-train: error: data\.tokenizer='lotus-dist/"
+                                         r"no-such-tokenizer'.*local tokenizer\.json"):
+        main("configs/tiny.yaml", ["data.tokenizer=lotus-dist/no-such-tokenizer",
+                                   f"run.dir={tmp_path}"])
 
 
 def test_tokenizer_without_eos_is_refused() -> None:

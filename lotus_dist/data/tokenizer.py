@@ -6,6 +6,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lotus_dist.data.sources import DataError
+
 EOS_TOKEN = "</s>"
 # t5-base's order, so pad, end-of-document and unknown have ids 0, 1, 2 in both.
 SPECIAL_TOKENS = ("<pad>", EOS_TOKEN, "<unk>")
@@ -76,9 +78,10 @@ def load_tokenizer(name_or_path: str | os.PathLike, eos_token: str = EOS_TOKEN) 
     try:
         tokenizer = Tokenizer.from_pretrained(str(name_or_path))
     except Exception as err:
-        raise OSError(
+        raise DataError(
             f"data.tokenizer={str(name_or_path)!r} is not a local tokenizer.json or folder, and "
             f"loading it from the Hugging Face hub failed ({err}). Without network access, "
-            "set data.tokenizer to a local tokenizer.json."
+            "set data.tokenizer to a local tokenizer.json (lotus-train tokenizer train makes "
+            "one; lotus-train data prepare stores the one it used)."
         ) from err
     return TextTokenizer(tokenizer, eos_token)

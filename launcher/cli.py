@@ -12,10 +12,23 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lotus-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="pre-train a LLaMA model (one process or under torchrun)")
+    train = sub.add_parser("train", help="pre-train a LLaMA model (one process or under torchrun)",
+                           epilog="Every key: lotus-train config --list. The config a command "
+                                  "line resolves to: lotus-train config --show --config X "
+                                  "--set ...")
     train.add_argument("--config", help="YAML file (configs/*.yaml); defaults if omitted")
     train.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
+
+    config = sub.add_parser("config", help="list every config key, or show a resolved config")
+    shown = config.add_mutually_exclusive_group(required=True)
+    shown.add_argument("--list", action="store_true",
+                       help="every key with its type, default and meaning, and the presets")
+    shown.add_argument("--show", action="store_true",
+                       help="the config --config and --set resolve to, as config.yaml records it")
+    config.add_argument("--config", help="YAML file for --show")
+    config.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
 
     bench = sub.add_parser("bench", help="run a benchmark; prints a table and a JSON line")
     bench.add_argument("name", choices=BENCHMARKS)
@@ -67,6 +80,19 @@ def main(argv: list[str] | None = None) -> None:
         from launcher.train import main as train_main
 
         train_main(args.config, args.overrides)
+    elif args.command == "config":
+        import yaml
+
+        from launcher.config import ConfigError, config_help, config_to_dict, load_config
+
+        if args.list:
+            print(config_help())
+            return
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except (ConfigError, FileNotFoundError) as e:
+            sys.exit(f"lotus-train: error: {e}")
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     elif args.command == "bench":
         from launcher.bench import run_benchmark
 

@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and alone, so nothing else can choose a CUDA build for us
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed,plot]'
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
 
+    compare = sub.add_parser("compare", help="one table of several runs, and their eval-loss "
+                                             "curves by step and by wall time (PNG)")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--out", default="compare.png", help="PNG to write ('' for none)")
+
     bench = sub.add_parser("bench", help="run a benchmark; prints a table and a JSON line")
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("args", nargs=argparse.REMAINDER, help="benchmark options (see --help)")
@@ -93,6 +98,13 @@ def main(argv: list[str] | None = None) -> None:
         except (ConfigError, FileNotFoundError) as e:
             sys.exit(f"lotus-train: error: {e}")
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    elif args.command == "compare":
+        from launcher.compare import CompareError, compare_command
+
+        try:
+            compare_command(args.runs, args.out)
+        except CompareError as e:
+            sys.exit(f"lotus-train: error: {e}")
     elif args.command == "bench":
         from launcher.bench import run_benchmark
 

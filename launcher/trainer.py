@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from launcher import checkpoint
-from launcher.config import Config
+from launcher.config import PROJECTED_OPTIMIZERS, Config
 from launcher.distributed import DistInfo, agree_on_step, all_reduce_sum
 from launcher.engines.base import Engine, param_dtype
 from launcher.health import DivergenceGuard
@@ -23,6 +23,7 @@ from launcher.metrics import MetricsLogger, write_summary
 from launcher.schedule import LRSchedule
 from launcher.train_state import JsonState, TrainState
 from lotus_dist import LotusAdamW
+from lotus_dist.comm import local_view
 from lotus_dist.optim import NonFiniteGradientError
 from lotus_dist.precision import upcast
 
@@ -400,6 +401,9 @@ class Trainer:
             "refreshes_per_matrix": {k: v["refresh_count"] for k, v in telemetry.items()},
             "engine": self.engine.name,
             "bytes_per_step": self.engine.comm_bytes_per_step(),
+            "optimizer": self.cfg.optim.name,
+            "rank": self.cfg.optim.rank if self.cfg.optim.name in PROJECTED_OPTIMIZERS else None,
+            "optimizer_state_bytes": optimizer_state_bytes(self.optimizer),
         }
 
     def log(self, message: str) -> None:
@@ -432,6 +436,17 @@ def restore_signal_handlers(previous: dict[int, Any]) -> None:
     interpreter exits, where destroying a gloo group's threads aborts the process."""
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of this rank's optimizer state (its shards under FSDP and ZeRO)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                local = local_view(value)
+                total += local.numel() * local.element_size()
+    return total
 
 
 def refresh_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -197,8 +197,8 @@ class LotusAdamW(torch.optim.Optimizer):
     def _on_nonfinite(self, where: str) -> None:
         if self.nonfinite == "raise":
             raise NonFiniteGradientError(
-                f"non-finite gradient in {where} (inf or NaN); set optim.nonfinite=skip to "
-                "skip such steps, or lower the learning rate")
+                f"non-finite gradient in {where} (inf or NaN) and optim.nonfinite=raise; set "
+                "optim.nonfinite=skip to skip such steps, or lower the learning rate")
         self.skipped_steps += 1
 
     def _update(self, items: list[tuple[dict, torch.Tensor]]) -> None:

@@ -65,7 +65,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.stateful import Stateful
 
-from launcher.distributed import all_gather_objects, barrier, from_rank0, new_cpu_group
+from launcher.distributed import (
+    all_gather_objects,
+    barrier,
+    from_rank0,
+    is_grouped,
+    new_cpu_group,
+)
 from launcher.safe_metadata import SafeFileSystemReader, SafeLoadPlanner, UnsafeContentError
 from launcher.train_state import ModelState
 from lotus_dist.data import DataError
@@ -783,16 +789,12 @@ def _fsync_dir(path: Path) -> None:
 # ------------------------------------------------------------------ process group
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
+    return dist.get_rank() if is_grouped() else 0
 
 
 def _world_size() -> int:
-    return dist.get_world_size() if _distributed() else 1
+    return dist.get_world_size() if is_grouped() else 1
 
 
 def _first(items: Any) -> Any:
@@ -806,7 +808,7 @@ def _async_group() -> Any:
     backend. Made once per default group (``new_group`` is collective, and every rank
     reaches the first ``save_async`` together)."""
     global _async_group_of
-    if not _distributed():
+    if not is_grouped():
         return None
     world = dist.group.WORLD
     if _async_group_of is None or _async_group_of[0] is not world:

@@ -135,19 +135,20 @@ def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> t
     return t
 
 
-def _grouped() -> bool:
+def is_grouped() -> bool:
+    """Whether this process is in a process group (of any size)."""
     return dist.is_available() and dist.is_initialized()
 
 
 def barrier() -> None:
     """Every rank has reached this point (nothing without a process group)."""
-    if _grouped():
+    if is_grouped():
         dist.barrier()
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` in rank order (a list of one without a process group)."""
-    if not _grouped():
+    if not is_grouped():
         return [obj]
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
@@ -156,7 +157,7 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 def from_rank0(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
-    if not _grouped():
+    if not is_grouped():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)

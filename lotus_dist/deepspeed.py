@@ -71,6 +71,7 @@ class ZeroLotusAdamW(LotusAdamW):
         self._views: list[list[torch.Tensor]] = []
         self._view_names: list[list[str] | None] = []
         self._sharded = False
+        self._table_device: torch.device | None = None  # where sync_telemetry reduces
         self._telemetry: dict[str, dict[str, float]] = {}
 
     @classmethod
@@ -130,6 +131,7 @@ class ZeroLotusAdamW(LotusAdamW):
                 raise PartitionLayoutError("LotusAdamW does not run with ZeRO optimizer "
                                            "offload; remove zero_optimization.offload_optimizer")
             self._sharded = dist.is_initialized() and dist.get_world_size() > 1
+            self._table_device = group_device() if self._sharded else None
             mapped = [self._partition_views(ds_optimizer, i) for i in range(len(self._members))]
         elif ds_optimizer is self or isinstance(ds_optimizer, FP16_UnfusedOptimizer):
             mapped = [self._same_shape_views(i) for i in range(len(self._members))]
@@ -263,7 +265,7 @@ class ZeroLotusAdamW(LotusAdamW):
             self._telemetry = local
             return
         table = torch.zeros(len(self._projected_names), 1 + len(_TELEMETRY_FIELDS),
-                            dtype=torch.float64, device=group_device())
+                            dtype=torch.float64, device=self._table_device)
         for row, name in enumerate(self._projected_names):
             if name in local:
                 table[row] = torch.tensor([1.0, *(local[name][f] for f in _TELEMETRY_FIELDS)],

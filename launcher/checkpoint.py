@@ -548,6 +548,11 @@ def find_latest(ckpt_dir: str | Path) -> Path | None:
     return complete[-1][1] if complete else None
 
 
+def complete_steps(ckpt_dir: str | Path) -> list[int]:
+    """Steps of the complete checkpoints in ``ckpt_dir``, oldest first."""
+    return [step for step, _ in _complete_checkpoints(Path(ckpt_dir))]
+
+
 def resolve_resume(ckpt_dir: str | Path, resume: str) -> Path | None:
     """The checkpoint that ``checkpoint.resume`` asks for: auto, never, or a path."""
     if resume == "never":

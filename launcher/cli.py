@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-BENCHMARKS = ("projector", "step", "comm", "checkpoint", "quality", "data")
+BENCHMARKS = ("projector", "step", "comm", "checkpoint", "quality", "data", "memory", "optimizer")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,6 +67,27 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, default=None,
                         help="checkpoint step (default: the newest complete one)")
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    export.add_argument("--tokenizer", default=None,
+                        help="tokenizer.json to ship with the weights (default: the run's "
+                             "data.tokenizer)")
+
+    ev = sub.add_parser("eval", help="validation loss and perplexity of a run's checkpoint or "
+                                     "of an exported Hugging Face folder")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run directory (run.dir of the run); an HF folder given "
+                                      "here is evaluated as --hf")
+    source.add_argument("--hf", help="HF LlamaForCausalLM folder (config.json + model.safetensors)")
+    ev.add_argument("--step", type=int, default=None,
+                    help="checkpoint step (default: the newest complete one)")
+    ev.add_argument("--data", default=None, help="data.path (default: the run's)")
+    ev.add_argument("--tokenizer", default=None,
+                    help="data.tokenizer (default: the run's; an HF folder's tokenizer.json)")
+    ev.add_argument("--split", default="validation", help="split of data.path to evaluate on")
+    ev.add_argument("--batches", type=int, default=None,
+                    help="eval.batches, of training.batch_size sequences (default: the run's)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="SECTION.KEY=VALUE",
+                    help="override a config key, e.g. training.seq_len (repeatable)")
 
     tok = sub.add_parser("tokenizer", help="tokenizer utilities")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
@@ -122,12 +143,26 @@ def main(argv: list[str] | None = None) -> None:
         from launcher.checkpoint import CheckpointError
         from launcher.config import ConfigError
         from launcher.export import export_run
+        from lotus_dist.data import DataError
 
         try:
-            out = export_run(args.run, args.out, args.step, args.dtype)
-        except (CheckpointError, ConfigError) as e:
+            out = export_run(args.run, args.out, args.step, args.dtype, args.tokenizer)
+        except (CheckpointError, ConfigError, DataError) as e:
             sys.exit(f"lotus-train: error: {e}")
-        print(f"exported {args.run} to {out} (config.json, model.safetensors)")
+        print(f"exported {args.run} to {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    elif args.command == "eval":
+        from launcher.checkpoint import CheckpointError
+        from launcher.config import ConfigError
+        from launcher.evaluate import eval_command
+        from launcher.trainer import TrainingError
+        from lotus_dist.data import DataError
+        from lotus_dist.hf_export import HFFolderError
+
+        try:
+            eval_command(args)
+        except (CheckpointError, ConfigError, DataError, HFFolderError, TrainingError,
+                FileNotFoundError) as e:
+            sys.exit(f"lotus-train: error: {e}")
     elif args.command == "tokenizer":
         from launcher.tokenizer_cli import train_tokenizer_command
 

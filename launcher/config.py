@@ -106,7 +106,8 @@ class ConfigError(ValueError):
 
 
 class ConfigWarning(UserWarning):
-    """Set keys the chosen method ignores, or file keys its preset replaces (see above)."""
+    """Set keys the chosen method ignores, file keys its preset replaces (see above), or a
+    training.warmup_steps cut to fit a short run."""
 
 
 @dataclass
@@ -216,8 +217,10 @@ class TrainingConfig:
     """Tokens per training sequence."""
     seed: int = 0
     """Seed of weights, data order and projection randomness."""
-    warmup_steps: int = 20
-    """Linear warmup steps before the cosine decay."""
+    warmup_steps: int | float = 20
+    """Linear warmup before the cosine decay: a step count, or a float in [0, 1), the
+    fraction of training.steps (0.1: the first 10%). A count not below training.steps (a
+    short run of a long config) becomes training.steps // 10, with a warning."""
     min_lr_ratio: float = 0.1
     """The cosine decays to optim.lr * min_lr_ratio at the last step."""
     grad_clip: float = 0.0
@@ -246,6 +249,13 @@ class TrainingConfig:
     """Learning-rate multiplier applied at each rollback (training.on_divergence)."""
     max_rollbacks: int = 3
     """Rollbacks allowed in one run before it stops with an error."""
+    compile: bool = False
+    """torch.compile each transformer block (in place: parameter and checkpoint names do
+    not change). The first steps pay the compilation; on CPU it needs a C++ compiler."""
+    profile_steps: str | list[int] = ""
+    """Optimizer steps N..M (inclusive) to trace with torch.profiler, as "N,M" or [N, M],
+    into run.dir/profile/ (open with TensorBoard); empty is off. Rank 0 only, unless
+    run.log_all_ranks."""
 
 
 @dataclass
@@ -289,6 +299,9 @@ class RunConfig:
     """Write TensorBoard event files into the run directory."""
     log_all_ranks: bool = False
     """Every rank prints and writes its own metrics file, not only rank 0."""
+    wandb_project: str | None = None
+    """Also log the metric rows and the config to this Weights & Biases project (rank 0;
+    pip install wandb). Entity, mode and run id come from WANDB_* environment variables."""
 
 
 @dataclass
@@ -385,8 +398,28 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         _assign(cfg, key, value, source="--set", raw=raw)
     _warn_about_keys(cfg, str(path), file_values, preset, {key for key, _, _ in sets})
     _fill_run_dir(cfg)
+    _resolve_warmup(cfg.training)
     cfg.validate()
     return cfg
+
+
+def _resolve_warmup(t: TrainingConfig) -> None:
+    """A warmup fraction becomes its step count, and a count the run is too short for
+    becomes a tenth of the run (the paper configs' 10%), so a smoke run of a big config
+    (``--set training.steps=20``) works; it is named in a ConfigWarning. Values out of
+    range stay as they are for the rules to report."""
+    warmup, steps = t.warmup_steps, t.steps
+    if steps <= 0:
+        return
+    if isinstance(warmup, float) and 0 <= warmup < 1:
+        t.warmup_steps = int(warmup * steps)
+    elif isinstance(warmup, int) and warmup >= steps:
+        t.warmup_steps = steps // 10
+        if os.environ.get("RANK", "0") == "0":
+            warnings.warn(f"training.warmup_steps={warmup} is not below training.steps={steps}: "
+                          f"warming up for {t.warmup_steps} steps (a tenth of the run) "
+                          "instead; set training.warmup_steps to fewer steps or to a "
+                          "fraction such as 0.1 to choose", ConfigWarning, stacklevel=3)
 
 
 def method_preset(name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -715,7 +748,8 @@ def _type_problems(cfg: Config) -> list[str]:
 
 
 def _rule_problems(cfg: Config) -> list[str]:
-    """Value ranges and cross-field rules, each message naming the keys involved."""
+    """Value ranges and cross-field rules, each message naming the keys involved; which
+    engine or optimizer supports a setting is ``launcher.capabilities``' table."""
     m, d, o, t, e, p, r, c = (cfg.model, cfg.data, cfg.optim, cfg.training, cfg.eval,
                               cfg.parallel, cfg.run, cfg.checkpoint)
     checks = [
@@ -739,9 +773,9 @@ def _rule_problems(cfg: Config) -> list[str]:
          f"training.micro_batch_size ({t.micro_batch_size})"),
         (t.seq_len > 0, "training.seq_len must be > 0"),
         (t.seed >= 0, "training.seed must be >= 0"),
-        (0 <= t.warmup_steps < t.steps,
-         f"training.warmup_steps ({t.warmup_steps}) must be >= 0 and < training.steps "
-         f"({t.steps})"),
+        (isinstance(t.warmup_steps, int) and 0 <= t.warmup_steps < t.steps,
+         f"training.warmup_steps ({t.warmup_steps}) must be a step count >= 0 and < "
+         f"training.steps ({t.steps}), or a fraction of training.steps in [0, 1)"),
         (0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio must be in [0, 1]"),
         (t.grad_clip >= 0, "training.grad_clip must be >= 0 (0 = off)"),
         (t.log_interval >= 1, "training.log_interval must be >= 1"),
@@ -753,9 +787,6 @@ def _rule_problems(cfg: Config) -> list[str]:
         (p.timeout_s > 0, f"parallel.timeout_s must be > 0, got {p.timeout_s}"),
         (e.interval >= 0, "eval.interval must be >= 0 (0 = only at the end)"),
         (e.batches >= 1, "eval.batches must be >= 1"),
-        (p.engine != "ddp" or p.mixed_precision == "none",
-         "parallel.mixed_precision applies to parallel.engine=fsdp; with ddp use "
-         "training.dtype"),
         (p.deepspeed_config is None or p.engine == "deepspeed",
          "parallel.deepspeed_config is set but parallel.engine is not deepspeed"),
         (t.dtype != "fp64" or p.mixed_precision == "none",
@@ -767,10 +798,14 @@ def _rule_problems(cfg: Config) -> list[str]:
         (c.healthy_steps >= 0, "checkpoint.healthy_steps must be >= 0"),
         (bool(c.resume), "checkpoint.resume must be auto, never or a path"),
     ]
-    checks.append((not o.per_layer or o.name in PROJECTED_OPTIMIZERS,
-                   "optim.per_layer=true needs a low-rank method "
-                   f"({', '.join(PROJECTED_OPTIMIZERS)}); optim.name={o.name} is torch's "
-                   "AdamW, which has no per-layer mode"))
+    try:
+        window = profile_window(t.profile_steps)
+    except ConfigError as err:
+        checks.append((False, str(err)))
+    else:
+        checks.append((window is None or window[1] <= t.steps,
+                       f"training.profile_steps={t.profile_steps!r} ends after training.steps "
+                       f"({t.steps})"))
     if o.name in PROJECTED_OPTIMIZERS:
         checks += [
             (o.rank > 0, f"optim.rank must be > 0 for optim.name={o.name}, got {o.rank}"),
@@ -830,3 +865,20 @@ def clips_consumed(cfg: Config) -> bool:
     if cfg.training.clip_on != "auto":
         return cfg.training.clip_on == "consumed"
     return cfg.optim.name in PROJECTED_OPTIMIZERS and cfg.parallel.engine != "deepspeed"
+
+
+def profile_window(steps: str | list[int]) -> tuple[int, int] | None:
+    """``training.profile_steps`` as (first, last) optimizer step, inclusive; None when
+    off. Anything but two steps 1 <= N <= M is a ConfigError naming the key."""
+    if steps in ("", []):
+        return None
+    try:
+        first, last = (int(part) for part in (steps.split(",") if isinstance(steps, str)
+                                               else steps))
+    except ValueError:
+        raise ConfigError(f"training.profile_steps expects two optimizer steps, \"N,M\" or "
+                          f"[N, M], got {steps!r}") from None
+    if not 1 <= first <= last:
+        raise ConfigError(f"training.profile_steps={steps!r} needs 1 <= N <= M (steps count "
+                          "from 1)")
+    return first, last

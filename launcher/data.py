@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from launcher.config import Config, ConfigError, DataConfig
 from launcher.distributed import DistInfo
@@ -16,6 +19,7 @@ from lotus_dist.data import (
     Prefetcher,
     StoreBatches,
     TextTokenizer,
+    TokenStore,
     ensure_sample_assets,
     eval_batches,
     is_token_store,
@@ -31,6 +35,11 @@ SAMPLE_DIR = Path("data/sample")
 SAMPLE_TOKENIZER = SAMPLE_DIR / "tokenizer.json"
 PREFETCH_DEPTH = 2
 """Global batches staged ahead of the training loop (by a background thread)."""
+DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
+HUB_PROBE_TIMEOUT_S = 3.0
+"""How long a connection to the hub may take before the hub counts as unreachable."""
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                   "all_proxy")
 
 
 def build_sample_if_default(d: DataConfig) -> None:
@@ -54,45 +63,88 @@ def build_data(cfg: Config, dist_info: DistInfo) -> tuple[Prefetcher, EvalBatche
     thread stages the next batches (pinned on CUDA); the result is a ``Prefetcher``
     with PackedBatches' protocol.
 
-    The embedded sample corpus and its tokenizer are built on first use when
-    ``data.path`` is the default folder, so the default run needs no download. Every
-    problem (missing path, empty corpus, tokenizer/vocab mismatch, a store's missing or
-    truncated shard or missing split, a store too small for one batch) surfaces here,
-    before the model is built. ``data.on_error`` applies to both splits: what they skip is
-    ``train.skipped_records`` / ``train.data_errors`` (live, saved with the loader
-    state; a store's come from its manifest) and ``evals.skipped_records`` /
-    ``evals.data_errors`` (read once, here).
+    Every problem (missing path, empty corpus, tokenizer/vocab mismatch, a store's missing
+    or truncated shard or missing split, a store too small for one batch, an unreachable
+    hub) surfaces here, before the model is built (see ``open_data``). ``data.on_error``
+    applies to both splits: what they skip is ``train.skipped_records`` /
+    ``train.data_errors`` (live, saved with the loader state; a store's come from its
+    manifest) and ``evals.skipped_records`` / ``evals.data_errors`` (read once, here).
     """
     d, t = cfg.data, cfg.training
-    build_sample_if_default(d)
-    if is_unfinished_store(d.path):
-        raise DataError(f"data.path={d.path!r} is a token store whose prepare was interrupted: "
-                        "run the same lotus-train data prepare command again to finish it")
-    store = is_token_store(d.path)
-    try:
-        tokenizer = load_tokenizer(d.tokenizer)
-    except FileNotFoundError as e:
-        if not store:
-            raise
-        raise DataError(f"{e}; the token store {d.path} holds the tokenizer it was prepared "
-                        f"with: set data.tokenizer={Path(d.path) / STORE_TOKENIZER}") from e
-    vocab_size = model_vocab_size(cfg, tokenizer)
+    tokenizer, store, vocab_size = open_data(cfg)
     rank, world = dist_info.rank, dist_info.world_size
     train: PackedBatches | StoreBatches
-    if store:
-        store = open_store(d.path, tokenizer, d.tokenizer, vocab_size, d.on_error)
+    if store is not None:
         train = store_train_batches(store, t.seq_len, t.batch_size, rank, world, seed=t.seed,
                                     shuffle=d.shuffle, vocab_size=vocab_size)
-        evals = store_eval_batches(store, t.seq_len, t.batch_size, cfg.eval.batches, rank,
-                                   world, vocab_size=vocab_size)
     else:
         train = PackedBatches(open_documents(d.path, "train", d.on_error), tokenizer,
                               t.seq_len, t.batch_size, rank=rank, world_size=world,
                               seed=t.seed, shuffle_chunk=d.shuffle_chunk, shuffle=d.shuffle)
-        evals = eval_batches(d.path, tokenizer, t.seq_len, t.batch_size, cfg.eval.batches,
-                             rank=rank, world_size=world, on_error=d.on_error)
+    evals = build_eval_batches(cfg, tokenizer, store, vocab_size, rank, world)
     pin = dist_info.device.type == "cuda"
     return Prefetcher(train, PREFETCH_DEPTH, pin_memory=pin), evals, vocab_size
+
+
+def open_data(cfg: Config) -> tuple[TextTokenizer, TokenStore | None, int]:
+    """(tokenizer, the token store ``data.path`` is or None, model vocabulary size).
+
+    The embedded sample corpus and its tokenizer are built on first use when
+    ``data.path`` is the default folder, so the default run needs no download. A hub
+    name that the hub cannot serve fails in seconds (``use_offline_hub_if_unreachable``).
+    """
+    d = cfg.data
+    build_sample_if_default(d)
+    use_offline_hub_if_unreachable(d)
+    if is_unfinished_store(d.path):
+        raise DataError(f"data.path={d.path!r} is a token store whose prepare was interrupted: "
+                        "run the same lotus-train data prepare command again to finish it")
+    is_store = is_token_store(d.path)
+    try:
+        tokenizer = load_tokenizer(d.tokenizer)
+    except FileNotFoundError as e:
+        if not is_store:
+            raise
+        raise DataError(f"{e}; the token store {d.path} holds the tokenizer it was prepared "
+                        f"with: set data.tokenizer={Path(d.path) / STORE_TOKENIZER}") from e
+    vocab_size = model_vocab_size(cfg, tokenizer)
+    store = (open_store(d.path, tokenizer, d.tokenizer, vocab_size, d.on_error) if is_store
+             else None)
+    return tokenizer, store, vocab_size
+
+
+def build_eval_batches(cfg: Config, tokenizer: TextTokenizer, store: TokenStore | None,
+                       vocab_size: int, rank: int = 0, world_size: int = 1,
+                       split: str = "validation") -> EvalBatches:
+    """This rank's rows of the first ``eval.batches`` unshuffled global batches of
+    ``split``: what the trainer evaluates on, and what ``lotus-train eval`` rebuilds."""
+    d, t = cfg.data, cfg.training
+    if store is not None:
+        return store_eval_batches(store, t.seq_len, t.batch_size, cfg.eval.batches, rank,
+                                  world_size, split=split, vocab_size=vocab_size)
+    return eval_batches(d.path, tokenizer, t.seq_len, t.batch_size, cfg.eval.batches,
+                        rank=rank, world_size=world_size, split=split, on_error=d.on_error)
+
+
+def use_offline_hub_if_unreachable(d: DataConfig) -> None:
+    """Put the hub libraries in offline mode (``HF_HUB_OFFLINE=1``) when ``data.path`` or
+    ``data.tokenizer`` is not on this machine and the hub does not accept a connection
+    within ``HUB_PROBE_TIMEOUT_S``. Files in the local hub cache still load; anything else
+    fails at once with the error that names the fix, not after ~26 s of retries.
+
+    Skipped when offline mode is already chosen, and behind a proxy (a direct connection
+    says nothing there). It must run before huggingface_hub is imported, which reads the
+    variable once: so it does in ``lotus-train``, whose data code imports it lazily."""
+    if os.environ.get("HF_HUB_OFFLINE") or any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return
+    if all(Path(value).expanduser().exists() for value in (d.path, d.tokenizer)):
+        return
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or DEFAULT_HUB_ENDPOINT)
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((endpoint.hostname, port), HUB_PROBE_TIMEOUT_S).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def model_vocab_size(cfg: Config, tokenizer: TextTokenizer) -> int:

@@ -37,10 +37,13 @@ class DistInfo:
 def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group torchrun (or srun through torchrun) describes, if any.
 
-    One process without WORLD_SIZE set runs without a process group. The backend is
-    nccl on CUDA and gloo on CPU. A collective that waits longer than ``timeout_s`` for
-    a rank (stopped, dead, or stuck in a different collective) fails the job instead of
-    hanging it, so torchrun or SLURM can restart it (``parallel.timeout_s``).
+    A process torchrun started (TORCHELASTIC_RUN_ID set; slurm/train.sbatch starts
+    torchrun too) gets a process group at any world size, 1 included, so that one GPU
+    runs the same collectives as many; a plain process of world size 1 runs without one.
+    The backend is nccl on CUDA and gloo on CPU. A collective that waits longer than
+    ``timeout_s`` for a rank (stopped, dead, or stuck in a different collective) fails
+    the job instead of hanging it, so torchrun or SLURM can restart it
+    (``parallel.timeout_s``).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -51,7 +54,8 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     else:
         device = torch.device("cpu")
     global _made_a_group
-    if world_size > 1 and not dist.is_initialized():
+    launched = "TORCHELASTIC_RUN_ID" in os.environ
+    if (world_size > 1 or launched) and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None,
                                 timeout=timedelta(seconds=timeout_s))
@@ -59,8 +63,25 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
-#: Set once ``init_distributed`` has created a process group in this process.
+#: Set once ``init_distributed`` or ``join_one_process_group`` has created a process
+#: group in this process.
 _made_a_group = False
+
+
+def join_one_process_group(device: torch.device, timeout_s: float = 1800.0) -> None:
+    """A process group of this process alone, for engines that always need one (fsdp,
+    deepspeed) when the run was started without a launcher."""
+    global _made_a_group
+    if dist.is_initialized():
+        return
+    for key in ("LOCAL_RANK", "RANK"):
+        os.environ.setdefault(key, "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=device if device.type == "cuda" else None,
+                            timeout=timedelta(seconds=timeout_s))
+    _made_a_group = True
 
 
 def made_a_group() -> bool:
@@ -117,7 +138,7 @@ def agree_on_step(loss: torch.Tensor, *, nonfinite: bool, stop: bool,
     flags = torch.tensor([nonfinite, stop, saving], dtype=value.dtype, device=value.device)
     t = torch.cat([value, flags])
     world = 1
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if is_grouped():  # at world size 1 too: one GPU exercises the NCCL path
         world = dist.get_world_size()
         dist.all_reduce(t)
     loss_sum, n_nonfinite, n_stop, n_saving = t.tolist()
@@ -129,7 +150,7 @@ def agree_on_step(loss: torch.Tensor, *, nonfinite: bool, stop: bool,
 
 def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum over ranks, into a copy (identity without a process group)."""
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
+    if is_grouped():
         t = t.clone()
         dist.all_reduce(t, group=group)
     return t

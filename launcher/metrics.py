@@ -1,9 +1,12 @@
 """Run metrics: metrics.jsonl rows, TensorBoard scalars, a progress line, summary.json.
 
 Only rank 0 writes and prints unless ``log_all_ranks`` (then rank r also writes
-``metrics-rank{r}.jsonl`` and prints with a ``[rank r]`` prefix); TensorBoard is rank 0's
-alone. A resumed run drops the rows after its checkpoint, so metrics.jsonl never holds a
-step twice and reads as one uninterrupted run.
+``metrics-rank{r}.jsonl`` and prints with a ``[rank r]`` prefix); TensorBoard and
+Weights & Biases are rank 0's alone. Both receive every numeric value of a row as
+``train/<key>`` or ``eval/<key>``, and the config (TensorBoard: HParams and the text of
+config.yaml), so runs can be sorted and filtered by setting. A resumed run drops the
+rows after its checkpoint, so metrics.jsonl never holds a step twice and reads as one
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -17,8 +20,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from launcher.config import ConfigError
+
 TRAIN_KEYS = ("loss", "lr", "tokens_per_s")
 """Keys every training row carries (the run-directory contract)."""
+
+HPARAM_METRICS = ("eval/eval_loss", "eval/eval_ppl", "train/loss",
+                  "train/tokens_per_s_per_device", "train/mfu")
+"""Scalars the TensorBoard HParams table shows beside each run's settings."""
 
 
 class EtaEstimator:
@@ -69,16 +80,22 @@ class MetricsLogger:
         resume_step: the step of the checkpoint this run resumed from, or None for a
             fresh run (which starts metrics.jsonl empty).
         log_all_ranks: every rank writes its own metrics file and prints.
+        config: the run's config as ``config_to_dict`` gives it, for TensorBoard's
+            HParams and text.
+        wandb_run: a ``wandb.init`` run (``start_wandb``) that receives the rows too;
+            its owner finishes it, so that it outlives a rollback's new logger.
     """
 
     def __init__(self, run_dir: str | Path, rank: int, tensorboard: bool, total_steps: int,
-                 resume_step: int | None = None, log_all_ranks: bool = False) -> None:
+                 resume_step: int | None = None, log_all_ranks: bool = False,
+                 config: Mapping[str, Any] | None = None, wandb_run: Any = None) -> None:
         self.rank = rank
         self.total_steps = total_steps
         self.active = rank == 0 or log_all_ranks
         self.eta = EtaEstimator()
         self._file = None
         self._writer = None
+        self._wandb = wandb_run if rank == 0 else None
         if not self.active:
             return
         run_dir = Path(run_dir)
@@ -96,6 +113,8 @@ class MetricsLogger:
             # purge_step hides the events a crashed run wrote after its last checkpoint.
             purge_step = None if resume_step is None else resume_step + 1
             self._writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+            if config is not None:
+                write_tensorboard_config(self._writer, config)
 
     def log_train(self, step: int, metrics: Mapping[str, Any], step_time_s: float) -> None:
         """Log a training row; ``step_time_s`` is seconds per optimizer step, eval excluded."""
@@ -132,16 +151,60 @@ class MetricsLogger:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}, "time": time.time()}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        scalars = {f"{kind}/{key}": value for key, value in row.items()
+                   if key not in ("step", "time") and _is_number(value)}
         if self._writer is not None:
-            for key, value in row.items():
-                if key not in ("step", "time") and _is_number(value):
-                    self._writer.add_scalar(f"{kind}/{key}", value, step)
+            for tag, value in scalars.items():
+                self._writer.add_scalar(tag, value, step)
             self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
         return row
 
     def _print(self, line: str) -> None:
         prefix = f"[rank {self.rank}] " if self.rank != 0 else ""
         print(prefix + line, flush=True)
+
+
+def write_tensorboard_config(writer: Any, config: Mapping[str, Any]) -> None:
+    """The config as HParams (one per ``section.key``) and as config.yaml's text.
+
+    The HParams summaries go into the run's own event file, not into the sub-run that
+    ``SummaryWriter.add_hparams`` would create, so the HParams table lists each run
+    directory once, with the scalars ``HPARAM_METRICS`` names read from that run.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
+    flat = {f"{section}.{key}": _hparam_value(value)
+            for section, values in config.items() if section != "methods"
+            for key, value in values.items()}
+    for summary in hparams(flat, dict.fromkeys(HPARAM_METRICS, 0.0)):
+        writer.file_writer.add_summary(summary)
+    # Four spaces make Markdown show the YAML as a code block.
+    text = yaml.safe_dump(dict(config))
+    writer.add_text("config", "".join(f"    {line}\n" for line in text.splitlines()))
+
+
+def start_wandb(project: str, run_dir: str | Path, config: Mapping[str, Any]) -> Any:
+    """Start rank 0's W&B run, named after the run directory, with the config (minus the
+    ``methods`` echo of the preset) as its settings; W&B's files go under run_dir/wandb.
+    WANDB_ENTITY, WANDB_MODE (offline) and WANDB_RUN_ID with WANDB_RESUME=allow (to
+    continue one W&B run across relaunches) are read by wandb itself."""
+    wandb = import_wandb()
+    settings = {section: values for section, values in config.items() if section != "methods"}
+    return wandb.init(project=project, name=Path(run_dir).name, dir=str(run_dir),
+                      config=settings)
+
+
+def import_wandb() -> Any:
+    """wandb, imported only when run.wandb_project is set (it is an optional extra)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("run.wandb_project is set but wandb is not installed: pip install "
+                          "-c constraints.txt -e '.[wandb]' (or pip install wandb), or unset "
+                          "run.wandb_project") from None
+    return wandb
 
 
 def truncate_after(path: Path, step: int) -> None:
@@ -216,6 +279,11 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"summary value {value!r} of type {type(value).__name__} is not JSON")
+
+
+def _hparam_value(value: Any) -> Any:
+    """HParams take numbers, strings and booleans (None is left out); lists become text."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def _is_number(value: Any) -> bool:

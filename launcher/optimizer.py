@@ -7,23 +7,26 @@ from torch import nn
 
 from launcher.config import OptimConfig
 from lotus_dist import LotusAdamW, lotus_param_groups
+from lotus_dist.comm import LocalComm
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int,
+                    comm: LocalComm | None = None) -> torch.optim.Optimizer:
     """adamw: torch's AdamW (the full-rank baseline). Every other method is LotusAdamW on
     the ``target_modules`` weights, with the group options the config holds: the method's
     preset (``launcher.config.METHOD_PRESETS``) put them there, so galore is exact SVD on a
     fixed interval with kept moments (GaLore's algorithm), grasswalk a Grassmann walk and
     grassjump a random basis every ``update_proj_gap`` steps with rotated moments and
     recovery scaling, and lotus what it is configured to be; a key set over the preset
-    runs as set. Build configs in code with ``method_optim_config(name)``."""
+    runs as set. Build configs in code with ``method_optim_config(name)``. ``comm`` is the
+    engine's (``lotus_dist.comm``); torch's AdamW needs none."""
     common = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps,
               "weight_decay": cfg.weight_decay}
     if cfg.name == "adamw":
         return torch.optim.AdamW(model.parameters(), **common)
     groups = lotus_param_groups(model, cfg.rank, cfg.target_modules, **group_options(cfg))
     return LotusAdamW(groups, seed=seed, nonfinite=cfg.nonfinite, per_layer=cfg.per_layer,
-                      **common)
+                      comm=comm, **common)
 
 
 def group_options(cfg: OptimConfig) -> dict:

@@ -9,15 +9,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from launcher.capabilities import clip_mode, plan_run
 from launcher.checkpoint import CheckpointError
 from launcher.config import (
     PROJECTED_OPTIMIZERS,
     Config,
     ConfigError,
-    clips_consumed,
     config_to_dict,
     load_config,
-    validate_world_size,
 )
 from launcher.data import build_data
 from launcher.distributed import (
@@ -25,6 +24,7 @@ from launcher.distributed import (
     exit_process,
     from_rank0,
     init_distributed,
+    is_grouped,
     made_a_group,
     teardown,
 )
@@ -52,7 +52,9 @@ def run(cfg: Config, keep_alive: list[object] | None = None) -> dict:
 
 
 def _train(cfg: Config, dist_info: DistInfo, keep_alive: list[object] | None) -> dict:
-    accum_steps = validate_world_size(cfg, dist_info.world_size)
+    # What runs (engine, accumulation) is decided once, and refused here if it cannot.
+    plan = plan_run(cfg, dist_info.world_size, is_grouped(), dist_info.device)
+    accum_steps = plan.accum_steps
     # Decided on rank 0 and shared, before anything is built: every rank stops together.
     problem, changes = from_rank0(check_run_dir(cfg) if dist_info.is_main else None)
     if problem:
@@ -61,7 +63,7 @@ def _train(cfg: Config, dist_info: DistInfo, keep_alive: list[object] | None) ->
     train_data, eval_data, vocab_size = build_data(cfg, dist_info)
     model_cfg = dataclasses.replace(MODEL_SIZES[cfg.model.size], vocab_size=vocab_size,
                                     max_seq_len=cfg.model.max_seq_len)
-    engine = build_engine(cfg, model_cfg, dist_info)
+    engine = build_engine(cfg, model_cfg, dist_info, plan)
     scheduler = build_lr_scheduler(engine.optimizer, cfg.training.warmup_steps,
                                    cfg.training.steps, cfg.training.min_lr_ratio)
     trainer = Trainer(cfg, dist_info, engine, scheduler, train_data, eval_data, accum_steps)
@@ -73,8 +75,7 @@ def _train(cfg: Config, dist_info: DistInfo, keep_alive: list[object] | None) ->
                     f"{cfg.training.steps} steps -> {cfg.run.dir}")
         t, o = cfg.training, cfg.optim
         rank = f", rank {o.rank}" if o.name in PROJECTED_OPTIMIZERS else ""
-        clip = (f"clip {'consumed' if clips_consumed(cfg) else 'gradient'} norm at "
-                f"{t.grad_clip:g}" if t.grad_clip > 0 else "no clipping")
+        clip = clip_mode(cfg)
         trainer.log(f"batch {t.batch_size} x {t.seq_len} = {t.batch_size * t.seq_len:,} tokens "
                     f"per step ({accum_steps} micro-batch(es) of {t.micro_batch_size} per "
                     f"rank), lr {o.lr:g}{rank}, {clip}")

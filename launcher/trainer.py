@@ -6,7 +6,7 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,20 +15,19 @@ import torch
 import torch.nn.functional as F
 
 from launcher import checkpoint
-from launcher.config import PROJECTED_OPTIMIZERS, Config
+from launcher.config import PROJECTED_OPTIMIZERS, Config, config_to_dict, profile_window
 from launcher.distributed import DistInfo, agree_on_step, all_reduce_sum
 from launcher.engines.base import Engine, param_dtype
+from launcher.flops import cuda_memory_gb, device_peak_flops, throughput
 from launcher.health import DivergenceGuard
-from launcher.metrics import MetricsLogger, write_summary
+from launcher.metrics import MetricsLogger, import_wandb, start_wandb, write_summary
+from launcher.profiling import StepProfiler
 from launcher.schedule import LRSchedule
 from launcher.train_state import JsonState, TrainState
 from lotus_dist import LotusAdamW
 from lotus_dist.comm import local_view
 from lotus_dist.optim import NonFiniteGradientError
 from lotus_dist.precision import upcast
-
-# Dense bf16 peak of the GPUs we expect, for MFU; unknown devices report no MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
 class TrainingError(RuntimeError):
@@ -83,12 +82,14 @@ class Trainer:
         self._save_due = False
         self._last_saved_step: int | None = None
         self.tokens_per_step = cfg.training.batch_size * cfg.training.seq_len
-        use_bf16 = cfg.training.dtype == "bf16" or (
-            cfg.training.dtype == "auto" and self.device.type == "cuda")
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                         if use_bf16 else contextlib.nullcontext())
+        self.autocast = compute_autocast(cfg.training.dtype, self.device)
         #: The dtype losses are summed in: fp64 in an fp64 run, where they are compared.
         self.loss_dtype = param_dtype(cfg.training.dtype)
+        #: Dense bf16 peak FLOP/s of this device for MFU; None where unknown (CPU).
+        self.peak_flops = device_peak_flops(self.device)
+        if cfg.run.wandb_project:
+            import_wandb()  # on every rank: a missing wandb stops them all, not rank 0 alone
+        self._wandb_run: Any = None
 
     # ----------------------------------------------------------------- checkpoint state
 
@@ -155,7 +156,13 @@ class Trainer:
         cfg = self.cfg.training
         checkpoint.remove_scratch(self.ckpt_dir)
         resumed_step = self.maybe_resume()
+        if self.cfg.run.wandb_project and self.dist.is_main:
+            self._wandb_run = start_wandb(self.cfg.run.wandb_project, self.run_dir,
+                                          config_to_dict(self.cfg))
         self.metrics = self._open_metrics(resumed_step)
+        profiler = StepProfiler(
+            profile_window(cfg.profile_steps) if self.dist.is_main or self.cfg.run.log_all_ranks
+            else None, self.run_dir / "profile", self.dist.rank, self.device)
         previous_handlers = self._install_signal_handlers()
         last_eval: dict[str, float] = {}
         stopped = False
@@ -169,6 +176,7 @@ class Trainer:
             window: list[float] = []
             window_start = time.perf_counter()
             while self.state.step < cfg.steps:
+                profiler.before_step(self.state.step + 1)
                 start = time.perf_counter()
                 outcome = self.train_step(train_iter)
                 self.state.step += 1
@@ -176,6 +184,7 @@ class Trainer:
                 step_time = time.perf_counter() - start
                 self.state.train_seconds += step_time
                 step = self.state.step
+                profiler.after_step(step)
                 bad = self.guard.record(step, outcome.loss, outcome.skipped)
                 if bad and not outcome.skipped:
                     self.log(f"step {step}: loss spike ({outcome.loss:.4f}, more than "
@@ -215,7 +224,11 @@ class Trainer:
                 self.log(f"the run had already reached training.steps={cfg.steps}")
                 last_eval = self.evaluate()
         finally:
+            profiler.close()
             self.metrics.close()
+            if self._wandb_run is not None:
+                self._wandb_run.finish()
+                self._wandb_run = None
             restore_signal_handlers(previous_handlers)
         summary = self._summary(last_eval)
         if self.dist.is_main:
@@ -285,7 +298,8 @@ class Trainer:
     def _open_metrics(self, resume_step: int | None) -> MetricsLogger:
         return MetricsLogger(self.run_dir, self.dist.rank, self.cfg.run.tensorboard,
                              self.cfg.training.steps, resume_step=resume_step,
-                             log_all_ranks=self.cfg.run.log_all_ranks)
+                             log_all_ranks=self.cfg.run.log_all_ranks,
+                             config=config_to_dict(self.cfg), wandb_run=self._wandb_run)
 
     def train_step(self, train_iter: Iterator[torch.Tensor]) -> StepOutcome:
         """One optimizer step over this rank's slice of one global batch.
@@ -328,27 +342,11 @@ class Trainer:
         return StepOutcome(loss=verdict.loss, grad_norm=grad_norm, skipped=skipped,
                            stop=verdict.stop, saving=verdict.saving)
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Token-weighted mean loss over the fixed validation batches of all ranks."""
-        self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for batch in self.eval_data:
-            batch = batch.to(self.device)
-            for micro in batch.split(self.cfg.training.micro_batch_size):
-                with self.autocast:
-                    logits = self.model(micro[:, :-1])
-                loss = F.cross_entropy(upcast(logits.flatten(0, 1)), micro[:, 1:].flatten(),
-                                       reduction="sum")
-                total += torch.stack([loss.double(), torch.tensor(micro[:, 1:].numel(),
-                                                                  dtype=torch.float64,
-                                                                  device=self.device)])
-        loss_sum, count = all_reduce_sum(total).tolist()
-        if count == 0:
-            raise TrainingError("the validation split yielded no batch; add validation data "
-                                "under data.path or set eval.batches")
-        mean = loss_sum / count
-        return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0))}
+        total = eval_loss_sums(self.model, self.eval_data, self.cfg.training.micro_batch_size,
+                               self.device, self.autocast)
+        return eval_metrics(*all_reduce_sum(total).tolist())
 
     # ----------------------------------------------------------------- reporting
 
@@ -365,24 +363,19 @@ class Trainer:
         for error in self.train_data.new_data_errors():
             self.log(f"data: skipped {error['reason']} in {error['file']} at byte "
                      f"{error['offset']} (data.on_error=skip)")
-        mfu = self._mfu(tokens_per_s)
-        if mfu is not None:
-            row["mfu"] = mfu
+        row.update(self._throughput(tokens_per_s))
+        row.update(cuda_memory_gb(self.device))
         row.update(refresh_stats(self.optimizer))
         return row
 
-    def _mfu(self, tokens_per_s: float) -> float | None:
-        if self.device.type != "cuda":
-            return None
-        name = torch.cuda.get_device_name(self.device)
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-        if peak is None:
-            return None
-        flops = self.raw_model.flops_per_token(self.cfg.training.seq_len) * tokens_per_s
-        return flops / (peak * self.dist.world_size)
+    def _throughput(self, tokens_per_s: float) -> dict[str, Any]:
+        return throughput(tokens_per_s, self.dist.world_size,
+                          self.raw_model.flops_per_token(self.cfg.training.seq_len),
+                          self.peak_flops)
 
     def _summary(self, final_eval: dict[str, float]) -> dict[str, Any]:
         telemetry = self.optimizer.telemetry() if isinstance(self.optimizer, LotusAdamW) else {}
+        tokens_per_s = self.state.tokens_seen / max(self.state.train_seconds, 1e-9)
         return {
             "steps": self.state.step,
             "final_eval_loss": final_eval.get("eval_loss"),
@@ -391,7 +384,9 @@ class Trainer:
             "initial_eval_ppl": self.state.initial_eval_ppl,
             "tokens_seen": self.state.tokens_seen,
             "wall_time_s": self.state.train_seconds,
-            "tokens_per_s": self.state.tokens_seen / max(self.state.train_seconds, 1e-9),
+            "tokens_per_s": tokens_per_s,
+            "mfu": None,  # replaced below where the device's peak is known
+            **self._throughput(tokens_per_s),
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "skipped_steps": self.state.skipped_steps,
             "skipped_records": self.train_data.skipped_records,
@@ -428,6 +423,45 @@ class Trainer:
             with contextlib.suppress(ValueError):  # not the main thread
                 previous[sig] = signal.signal(sig, handler)
         return previous
+
+
+def compute_autocast(training_dtype: str,
+                     device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``training.dtype=bf16``, and for ``auto`` on CUDA; else none."""
+    use_bf16 = training_dtype == "bf16" or (training_dtype == "auto" and device.type == "cuda")
+    return (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
+            else contextlib.nullcontext())
+
+
+@torch.no_grad()
+def eval_loss_sums(model: torch.nn.Module, batches: Iterable[torch.Tensor],
+                   micro_batch_size: int, device: torch.device,
+                   autocast: contextlib.AbstractContextManager) -> torch.Tensor:
+    """[summed token loss, token count] (float64) over this rank's ``batches``, run in
+    micro-batches as training runs them. The trainer all-reduces it over the ranks;
+    ``lotus-train eval`` calls it in one process, so both report the same number."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches:
+        batch = batch.to(device)
+        for micro in batch.split(micro_batch_size):
+            with autocast:
+                logits = model(micro[:, :-1])
+            loss = F.cross_entropy(upcast(logits.flatten(0, 1)), micro[:, 1:].flatten(),
+                                   reduction="sum")
+            total += torch.stack([loss.double(), torch.tensor(micro[:, 1:].numel(),
+                                                              dtype=torch.float64,
+                                                              device=device)])
+    return total
+
+
+def eval_metrics(loss_sum: float, count: float) -> dict[str, float]:
+    """``eval_loss`` (mean per token) and ``eval_ppl`` from the summed loss and count."""
+    if count == 0:
+        raise TrainingError("the validation split yielded no batch; add validation data "
+                            "under data.path or set eval.batches")
+    mean = loss_sum / count
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0))}
 
 
 def restore_signal_handlers(previous: dict[int, Any]) -> None:

@@ -5,11 +5,11 @@ launcher, ``launcher.distributed``), is the library's only caller of ``torch.dis
 collectives (``tests/test_comm_boundary.py``): each creates the tensors it sends on its
 group's device (``group_device``).
 
-A distributed engine installs a subclass as ``optimizer.comm`` (``DataParallelComm`` for
-plain DDP, low-rank DDP in ``lotus_dist.ddp``, FSDP in ``lotus_dist.fsdp``). The
-optimizer never calls ``torch.distributed`` itself: every collective it needs goes
-through these methods, so the single-process algorithm and its distributed forms share
-one code path.
+A distributed engine gives LotusAdamW a subclass at construction (``LotusAdamW(...,
+comm=...)``: ``DataParallelComm`` for plain DDP, low-rank DDP in ``lotus_dist.ddp``,
+FSDP in ``lotus_dist.fsdp``). The optimizer never calls ``torch.distributed`` itself:
+every collective it needs goes through these methods, so the single-process algorithm
+and its distributed forms share one code path.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from lotus_dist.precision import upcast
 from lotus_dist.projection import RsvdComm, project, project_back
+
+#: Kinds of bytes the comms count (``bytes``): what the optimizer's collectives carry.
+BYTES_KINDS = ("lowrank_gradients", "full_gradients", "sketches", "stats")
 
 
 class LocalComm:
@@ -44,8 +47,8 @@ class LocalComm:
         """Reduce the partial sums behind the switch decisions (one call per step)."""
         return flat
 
-    def rsvd_comm(self, p: torch.Tensor) -> RsvdComm:
-        """Where the randomized SVD of ``p``'s gradient reduces."""
+    def rsvd_comm(self, p: torch.Tensor, side: str) -> RsvdComm:
+        """Where the randomized SVD of ``p``'s gradient (projected on ``side``) reduces."""
         return RsvdComm()
 
     def full_grad(self, p: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,14 @@ gradient, and is counted as such.
 
 Every quantity behind a switch decision is computed from reduced (identical) values
 and reduced once more per step, so all ranks take the same decisions.
+
+Wiring (``launcher/engines/ddp_lowrank.py``)::
+
+    comm = LowRankDDPComm(group)
+    optimizer = LotusAdamW(groups, comm=comm)
+    reducer = LowRankReducer(model, optimizer, comm)   # broadcasts weights, adds hooks
+    # per step: reducer.boundary = last micro-batch; backward; reducer.finish();
+    # optimizer.step(); comm.reset()
 """
 
 from __future__ import annotations
@@ -26,9 +34,7 @@ from torch import nn
 from lotus_dist.comm import DataParallelComm
 from lotus_dist.optim import LotusAdamW
 from lotus_dist.precision import upcast
-from lotus_dist.projection import RsvdComm, project, projection_side
-
-BYTES_KINDS = ("lowrank_gradients", "full_gradients", "sketches", "stats")
+from lotus_dist.projection import RsvdComm, project
 
 
 @dataclass
@@ -41,86 +47,45 @@ class _Bucket:
 
 
 class LowRankDDPComm(DataParallelComm):
-    """The communication of low-rank DDP, installed as ``optimizer.comm``.
+    """The collectives of low-rank DDP, given to LotusAdamW at construction.
+
+    The optimizer-facing half (``agree``, ``stats_reduce``, the refresh sketches) and the
+    reducer-facing half (``broadcast_``, ``all_reduce_async``, ``deliver``): every
+    ``torch.distributed`` call of low-rank DDP is here, on the group's device.
 
     Args:
-        model: the replicated model; its parameters are broadcast from rank 0 so every
-            rank starts from the same weights.
-        optimizer: the LotusAdamW whose projected groups define what is low-rank.
-        bucket_mb: size at which a bucket is sent (DDP's default is 25 MB).
+        group: the data-parallel process group (the default group when None).
         check_consistency: after every step, all-gather checksums of all bases and stop
             with ``InconsistentBasisError`` naming a matrix the ranks disagree on.
     """
 
     exposes_full_grad = False
 
-    def __init__(self, model: nn.Module, optimizer: LotusAdamW, bucket_mb: float = 25.0,
-                 group: dist.ProcessGroup | None = None, *,
+    def __init__(self, group: dist.ProcessGroup | None = None, *,
                  check_consistency: bool = False) -> None:
         super().__init__(group, check_consistency=check_consistency)
-        self.optimizer = optimizer
         self.world = dist.get_world_size(group)
-        self.bucket_numel = int(bucket_mb * 2**20 / 4)
-        self.projected = {p for g in optimizer.param_groups if "rank" in g for p in g["params"]}
-        self.boundary = True
+        #: Bytes put into collectives, by kind (``BYTES_KINDS``), since construction.
         self.bytes: Counter[str] = Counter()
         self._ready: dict[torch.Tensor, torch.Tensor] = {}
-        self._bucket = _Bucket()
-        self._inflight: list[tuple[dist.Work, torch.Tensor, _Bucket]] = []
-        for p in model.parameters():
-            dist.broadcast(p.data, src=dist.get_global_rank(group, 0) if group else 0,
-                           group=group)
-            if p.requires_grad:
-                p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
-    # ----------------------------------------------------------------- backward side
+    # ----------------------------------------------------------------- reducer side
 
-    def _on_grad_ready(self, p: torch.Tensor) -> None:
-        """Project (or take whole) the final gradient of ``p`` and queue its all-reduce."""
-        if not self.boundary:
-            return
-        if p not in self.projected:
-            self._add(p, "full_gradients", p.grad)
-            return
-        state = self.optimizer.state.get(p, {})
-        if "basis" in state and not state["refresh_pending"]:
-            side = projection_side(p.shape, self.optimizer._group_of[p]["proj_type"])
-            with torch.no_grad():
-                self._add(p, "lowrank_gradients", project(p.grad, state["basis"], side))
+    def broadcast_(self, t: torch.Tensor) -> None:
+        """Overwrite ``t`` with rank 0's copy (the starting weights)."""
+        src = dist.get_global_rank(self.group, 0) if self.group else 0
+        dist.broadcast(t, src=src, group=self.group)
 
-    def _add(self, p: torch.Tensor, kind: str, t: torch.Tensor) -> None:
-        b = self._bucket
-        b.keys.append((p, kind))
-        b.tensors.append(t)
-        b.numel += t.numel()
-        if b.numel >= self.bucket_numel:
-            self._send()
+    def all_reduce_async(self, flat: torch.Tensor, kinds: list[tuple[str, int]]) -> dist.Work:
+        """Start summing ``flat`` over the ranks; ``kinds`` says how many of its elements
+        are of which kind, for the byte counts."""
+        for kind, numel in kinds:
+            self.bytes[kind] += numel * flat.element_size()
+        return dist.all_reduce(flat, group=self.group, async_op=True)
 
-    def _send(self) -> None:
-        b, self._bucket = self._bucket, _Bucket()
-        if not b.tensors:
-            return
-        flat = torch.cat([upcast(t.reshape(-1)) for t in b.tensors])
-        for (_, kind), t in zip(b.keys, b.tensors):
-            self.bytes[kind] += t.numel() * flat.element_size()
-        work = dist.all_reduce(flat, group=self.group, async_op=True)
-        self._inflight.append((work, flat, b))
-
-    def finish(self) -> None:
-        """After the last backward of a step: wait for every bucket and put the rank means
-        where the optimizer reads them (p.grad for full gradients, R for the rest)."""
-        self._send()
-        for work, flat, bucket in self._inflight:
-            work.wait()
-            flat /= self.world
-            for (p, kind), t, part in zip(bucket.keys, bucket.tensors,
-                                          flat.split([t.numel() for t in bucket.tensors])):
-                mean = part.view_as(t)
-                if kind == "full_gradients":
-                    p.grad.copy_(mean)
-                else:
-                    self._ready[p] = mean
-        self._inflight.clear()
+    def deliver(self, p: torch.Tensor, mean_r: torch.Tensor) -> None:
+        """Hand the optimizer the rank-mean R of ``p`` the reducer computed in backward."""
+        self._ready[p] = mean_r
 
     def reset(self) -> None:
         """Drop this step's leftovers (a skipped step leaves its R unused)."""
@@ -142,7 +107,7 @@ class LowRankDDPComm(DataParallelComm):
         # decisions bitwise identical even if a backend were not deterministic
         return self._mean(flat, "stats")
 
-    def rsvd_comm(self, p: torch.Tensor) -> RsvdComm:
+    def rsvd_comm(self, p: torch.Tensor, side: str) -> RsvdComm:
         return RsvdComm(sketch=lambda t: self._mean(t, "sketches"),
                         cosketch=lambda t: self._mean(t, "sketches"))
 
@@ -153,3 +118,80 @@ class LowRankDDPComm(DataParallelComm):
         if p in self._ready:
             return self._ready.pop(p)
         return self._mean(project(p.grad, basis, side), "lowrank_gradients")
+
+
+class LowRankReducer:
+    """The gradient side of low-rank DDP (what DDP's reducer is to DDP), owned by the
+    engine: weights broadcast from rank 0, then, in the last backward of each step, a
+    hook per parameter that projects a final gradient with its current basis (or takes
+    a non-projected one whole) into buckets all-reduced while backward goes on.
+
+    Args:
+        model: the replicated model.
+        optimizer: the LotusAdamW built with ``comm``; read through its public API
+            (``projected_params``, ``current_basis``).
+        comm: the optimizer's ``LowRankDDPComm``.
+        bucket_mb: size at which a bucket is sent (DDP's default is 25 MB).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: LotusAdamW, comm: LowRankDDPComm,
+                 bucket_mb: float = 25.0) -> None:
+        if optimizer.comm is not comm:
+            raise ValueError("LowRankReducer: build the optimizer with comm=<this "
+                             "LowRankDDPComm>, so that it reads the R reduced here")
+        self.optimizer, self.comm = optimizer, comm
+        self.bucket_numel = int(bucket_mb * 2**20 / 4)
+        self.projected = set(optimizer.projected_params())
+        #: False on micro-batches that only accumulate: nothing is sent.
+        self.boundary = True
+        self._bucket = _Bucket()
+        self._inflight: list[tuple[dist.Work, torch.Tensor, _Bucket]] = []
+        for p in model.parameters():
+            comm.broadcast_(p.data)
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    def _on_grad_ready(self, p: torch.Tensor) -> None:
+        """Project (or take whole) the final gradient of ``p`` and queue its all-reduce.
+        A matrix due for a refresh is left for the optimizer's distributed rSVD."""
+        if not self.boundary:
+            return
+        if p not in self.projected:
+            self._add(p, "full_gradients", p.grad)
+            return
+        current = self.optimizer.current_basis(p)
+        if current is not None:
+            with torch.no_grad():
+                self._add(p, "lowrank_gradients", project(p.grad, *current))
+
+    def _add(self, p: torch.Tensor, kind: str, t: torch.Tensor) -> None:
+        b = self._bucket
+        b.keys.append((p, kind))
+        b.tensors.append(t)
+        b.numel += t.numel()
+        if b.numel >= self.bucket_numel:
+            self._send()
+
+    def _send(self) -> None:
+        b, self._bucket = self._bucket, _Bucket()
+        if not b.tensors:
+            return
+        flat = torch.cat([upcast(t.reshape(-1)) for t in b.tensors])
+        kinds = [(kind, t.numel()) for (_, kind), t in zip(b.keys, b.tensors)]
+        self._inflight.append((self.comm.all_reduce_async(flat, kinds), flat, b))
+
+    def finish(self) -> None:
+        """After the last backward of a step: wait for every bucket and put the rank means
+        where the optimizer reads them (p.grad for full gradients, R for the rest)."""
+        self._send()
+        for work, flat, bucket in self._inflight:
+            work.wait()
+            flat /= self.comm.world
+            for (p, kind), t, part in zip(bucket.keys, bucket.tensors,
+                                          flat.split([t.numel() for t in bucket.tensors])):
+                mean = part.view_as(t)
+                if kind == "full_gradients":
+                    p.grad.copy_(mean)
+                else:
+                    self.comm.deliver(p, mean)
+        self._inflight.clear()

@@ -84,7 +84,8 @@ class ZeroLotusAdamW(LotusAdamW):
             names = group.get("param_names")
             spec["params"] = list(zip(names, group["params"])) if names else group["params"]
             specs.append(spec)
-        return cls(specs, seed=optimizer.seed, nonfinite=optimizer.nonfinite)
+        return cls(specs, seed=optimizer.seed, nonfinite=optimizer.nonfinite,
+                   comm=optimizer.comm, foreach=optimizer.foreach)
 
     # ----------------------------------------------------------------- before DeepSpeed
 
@@ -144,8 +145,7 @@ class ZeroLotusAdamW(LotusAdamW):
         self._view_names = [names for _, names in mapped]
         for i, views in enumerate(self._views):
             for view, (_, original) in zip(views, self._members[i]):
-                self._index[view] = self._index[original]
-                self._group_of[view] = self._ds_groups[i]
+                self.alias(view, original, self._ds_groups[i])
 
     def _same_shape_views(self, i: int) -> tuple[list[torch.Tensor], list[str] | None]:
         """Stage 0: the group holds the parameters or same-shaped fp32 masters, in order."""

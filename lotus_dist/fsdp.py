@@ -40,7 +40,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from lotus_dist.comm import DataParallelComm, local_view
-from lotus_dist.optim import LotusAdamW
 from lotus_dist.param_groups import lotus_param_groups
 from lotus_dist.precision import upcast
 from lotus_dist.projection import RsvdComm, project, project_back, projection_side
@@ -117,11 +116,10 @@ def shard_layout(p: DTensor, side: str) -> ShardLayout:
 
 
 class FSDPComm(DataParallelComm):
-    """The collectives of Lotus on FSDP2-sharded weights, installed as ``optimizer.comm``.
+    """The collectives of Lotus on FSDP2-sharded weights, given to LotusAdamW at
+    construction (``LotusAdamW(groups, comm=FSDPComm(mesh))``).
 
     Args:
-        optimizer: the LotusAdamW over the ``fully_shard``-ed model (it says each
-            matrix's projection side).
         mesh: the 1-D data-parallel mesh FSDP shards over.
         check_consistency: after every step, all-gather checksums of all bases and stop
             with ``InconsistentBasisError`` naming a matrix the ranks disagree on.
@@ -132,21 +130,19 @@ class FSDPComm(DataParallelComm):
 
     exposes_full_grad = True
 
-    def __init__(self, optimizer: LotusAdamW, mesh: DeviceMesh, *,
-                 check_consistency: bool = False) -> None:
+    def __init__(self, mesh: DeviceMesh, *, check_consistency: bool = False) -> None:
         if mesh.ndim != 1:
             raise ValueError(f"FSDPComm needs a 1-D data-parallel mesh, got {mesh.ndim}-D")
         super().__init__(mesh.get_group(), check_consistency=check_consistency)
         self.mesh = mesh
         self.world = mesh.size()
         self.bytes: Counter[str] = Counter()
-        self._sides = {p: projection_side(p.shape, g["proj_type"])
-                       for g in optimizer.param_groups if "rank" in g for p in g["params"]}
         self._layouts: dict[torch.Tensor, ShardLayout] = {}
 
-    def layout(self, p: torch.Tensor) -> ShardLayout:
+    def layout(self, p: torch.Tensor, side: str) -> ShardLayout:
+        """How ``p`` (projected on ``side``) is split over the ranks; computed once."""
         if p not in self._layouts:
-            self._layouts[p] = shard_layout(p, self._sides[p])
+            self._layouts[p] = shard_layout(p, side)
         return self._layouts[p]
 
     # ----------------------------------------------------------------- collectives
@@ -184,8 +180,8 @@ class FSDPComm(DataParallelComm):
 
     # ----------------------------------------------------------------- the Lotus hooks
 
-    def rsvd_comm(self, p: torch.Tensor) -> RsvdComm:
-        lay = self.layout(p)
+    def rsvd_comm(self, p: torch.Tensor, side: str) -> RsvdComm:
+        lay = self.layout(p, side)
         m, n = p.shape
         shape = (m, n) if lay.side == "left" else (n, m)  # (d, k) of A = G or G^T
         if lay.kept:  # this rank holds columns of A
@@ -203,7 +199,7 @@ class FSDPComm(DataParallelComm):
         return p.grad.full_tensor()
 
     def lowrank_grad(self, p: torch.Tensor, basis: torch.Tensor, side: str) -> DTensor:
-        lay = self.layout(p)
+        lay = self.layout(p, side)
         grad = p.grad.to_local()
         if lay.kept:
             r = project(grad, basis, side)
@@ -216,5 +212,5 @@ class FSDPComm(DataParallelComm):
 
     def project_back(self, p: torch.Tensor, low_rank: torch.Tensor, basis: torch.Tensor,
                      side: str) -> torch.Tensor:
-        lay = self.layout(p)
+        lay = self.layout(p, side)
         return project_back(local_view(low_rank), basis if lay.kept else basis[lay.own], side)

@@ -244,6 +244,12 @@ class Llama(nn.Module):
                 weight_seed = _tensor_seed(seed, f"{canonical_name(name)}.weight")
                 generator = torch.Generator(full.device).manual_seed(weight_seed)
                 _copy_full_(module.weight, full.normal_(0.0, INIT_STD, generator=generator))
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Fill the rotary tables, which the config determines and checkpoints leave out:
+        all a model whose weights are then loaded (export, eval) needs besides ``to_empty``."""
         cfg = self.cfg
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, self.rope_cos.device)
         self.rope_cos.copy_(cos)

@@ -81,11 +81,16 @@ class LotusAdamW(torch.optim.Optimizer):
             ``skipped_steps``) before anything reaches an SVD; ``"raise"`` stops.
         per_layer: update each parameter inside backward (``register_per_layer_hooks``)
             so full gradients never all exist at once.
+        comm: the parallelism's collectives (``lotus_dist.comm``), fixed for the
+            optimizer's life; ``LocalComm()`` (one process) when omitted.
+        foreach: run the elementwise Adam work of a group's tensors as one foreach
+            kernel per operation (same arithmetic as the per-tensor loop, fewer launches).
         **defaults: overrides of ``DEFAULTS`` for every group.
     """
 
     def __init__(self, params: Iterable, *, seed: int = 0, nonfinite: str = "skip",
-                 per_layer: bool = False, **defaults: Any) -> None:
+                 per_layer: bool = False, comm: LocalComm | None = None,
+                 foreach: bool = True, **defaults: Any) -> None:
         unknown = set(defaults) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"LotusAdamW: unknown option(s) {sorted(unknown)}; "
@@ -95,9 +100,9 @@ class LotusAdamW(torch.optim.Optimizer):
         self.seed = seed
         self.nonfinite = nonfinite
         self.per_layer = per_layer
+        self.foreach = foreach
         self.skipped_steps = 0
-        #: The parallelism's collectives; a distributed engine installs its own.
-        self.comm = LocalComm()
+        self._comm = comm if comm is not None else LocalComm()
         self._lowrank: dict[torch.Tensor, torch.Tensor] = {}  # R per matrix, from prepare()
         self._prepared = False
         #: In per-layer mode, False on micro-batches that only accumulate gradients.
@@ -123,6 +128,32 @@ class LotusAdamW(torch.optim.Optimizer):
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
+
+    @property
+    def comm(self) -> LocalComm:
+        """The parallelism's collectives, fixed at construction (no setter: a comm
+        swapped later would leave state built for another layout)."""
+        return self._comm
+
+    def alias(self, view: torch.Tensor, original: torch.Tensor, group: dict[str, Any]) -> None:
+        """Let ``view`` (a reshaped or master copy of ``original`` that a wrapper such as
+        DeepSpeed steps) stand for ``original``: same index, so the same refresh seeds,
+        and options from ``group``."""
+        self._index[view] = self._index[original]
+        self._group_of[view] = group
+
+    def projected_params(self) -> list[torch.Tensor]:
+        """The parameters of projected groups (those with ``rank``), in group order."""
+        return [p for g in self.param_groups if "rank" in g for p in g["params"]]
+
+    def current_basis(self, p: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+        """(basis, side) that will project ``p``'s gradient at the next ``prepare()``, or
+        None where that step refreshes first (no basis yet, or a switch is pending): the
+        R of such a matrix can only be formed after the refresh."""
+        state = self.state.get(p, {})
+        if "basis" not in state or state["refresh_pending"]:
+            return None
+        return state["basis"], projection_side(p.shape, self._group_of[p]["proj_type"])
 
     # ----------------------------------------------------------------- stepping
 
@@ -202,13 +233,20 @@ class LotusAdamW(torch.optim.Optimizer):
         self.skipped_steps += 1
 
     def _update(self, items: list[tuple[dict, torch.Tensor]]) -> None:
-        """Update parameters; switch statistics of all matrices share one reduce."""
-        lowrank = []
+        """Update parameters; switch statistics of all matrices share one reduce, and the
+        elementwise Adam work of all parameters of a group runs as one foreach kernel per
+        operation (``foreach``), so 224 matrices do not mean 224 launches per op."""
+        lowrank, plain = [], []
         for group, p in items:
             if "rank" in group:
                 lowrank.append((group, p, self._lowrank.pop(p)))
             else:
-                _adamw_update(group, p, self.state[p])
+                plain.append((group, p))
+        if plain:
+            for _, p in plain:
+                _init_moments(self.state[p], p)
+            directions = self._adam_directions([(g, self.state[p], p.grad) for g, p in plain])
+            self._apply_updates([(g, p, d) for (g, p), d in zip(plain, directions)])
         if not lowrank:
             return
         grads = [self._consumed_grad(g, p) for g, p, _ in lowrank]
@@ -217,7 +255,10 @@ class LotusAdamW(torch.optim.Optimizer):
         reduced = self._reduce_stats(stats)
         for (group, p, r), grad, s in zip(lowrank, grads, reduced):
             SWITCH_POLICIES[group["switch"]].decide(group, self.state[p], r, grad, s)
-            self._lowrank_adam_update(group, p, r)
+            _init_moments(self.state[p], r)
+        directions = self._adam_directions([(g, self.state[p], r) for g, p, r in lowrank])
+        updates = [self._lowrank_update(g, p, r, n) for (g, p, r), n in zip(lowrank, directions)]
+        self._apply_updates([(g, p, u) for (g, p, _), u in zip(lowrank, updates)])
 
     def _consumed_grad(self, group: dict, p: torch.Tensor) -> ConsumedGrad:
         """What a switch policy may read of ``p``'s gradient (nothing under low-rank DDP)."""
@@ -256,7 +297,7 @@ class LotusAdamW(torch.optim.Optimizer):
         elif kind == "rsvd":
             basis = rsvd_basis(grad, rank, side, oversample=group["oversample"],
                                power_iters=group["power_iters"], generator=gen,
-                               comm=self.comm.rsvd_comm(p))
+                               comm=self.comm.rsvd_comm(p, side))
         elif kind == "random":
             basis = random_basis(projected_dim(p.shape, side), rank, gen, grad.device,
                                  compute_dtype(grad))
@@ -296,14 +337,11 @@ class LotusAdamW(torch.optim.Optimizer):
         m.copy_(m_new)
         v.copy_(v_new)
 
-    def _lowrank_adam_update(self, group: dict, p: torch.Tensor, r: torch.Tensor) -> None:
+    def _lowrank_update(self, group: dict, p: torch.Tensor, r: torch.Tensor,
+                        norm_r: torch.Tensor) -> torch.Tensor:
+        """The full-size update of ``p`` (its local part) from Adam's low-rank direction."""
         state = self.state[p]
         side = projection_side(p.shape, group["proj_type"])
-        if "exp_avg" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(r)
-            state["exp_avg_sq"] = torch.zeros_like(r)
-        norm_r = _adam_direction(group, state, r)
         update = self.comm.project_back(p, norm_r, state["basis"], side).mul_(group["scale"])
         if group["recovery_scaling"]:
             # Fira adds the residual term without GaLore's scale (docs/algorithm.md)
@@ -311,7 +349,55 @@ class LotusAdamW(torch.optim.Optimizer):
                                                                             side)
             update += _recovery_term(group, state, residual, local_view(r), local_view(norm_r),
                                      side, self.comm)
-        _apply_update(group, p, state, update)
+        return update
+
+    def _adam_directions(self, items: list[tuple[dict, dict, torch.Tensor]]
+                         ) -> list[torch.Tensor]:
+        """Update the moments of each (group, state, grad) and return m / (sqrt(v) + eps)
+        (GaLore's form), on local shards. ``foreach`` runs each operation once per group
+        over all its tensors; the arithmetic of every tensor is the same either way."""
+        for _, state, _ in items:
+            state["step"] += 1
+        if not self.foreach:
+            return [_adam_direction(g, state, grad) for g, state, grad in items]
+        out: dict[int, torch.Tensor] = {}
+        for group, members in _by_group(items):
+            beta1, beta2 = group["betas"]
+            m = [local_view(state["exp_avg"]) for _, state, _ in members]
+            v = [local_view(state["exp_avg_sq"]) for _, state, _ in members]
+            g = [local_view(grad) for _, _, grad in members]
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, g, alpha=1.0 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_add_(denom, group["eps"])
+            for (i, _, _), d in zip(members, torch._foreach_div(m, denom)):
+                out[i] = d
+        return [out[i] for i in range(len(items))]
+
+    def _apply_updates(self, items: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> None:
+        """p -= step_size * direction, then decoupled weight decay, as GaLore's AdamW;
+        with ``foreach``, one kernel per (step size, dtype) and per decay factor."""
+        if not self.foreach:
+            for group, p, direction in items:
+                _apply_update(group, p, self.state[p], direction)
+            return
+        steps: dict[tuple[float, torch.dtype], tuple[list, list]] = {}
+        decays: dict[float, list[torch.Tensor]] = {}
+        for group, p, direction in items:
+            local = local_view(p)  # a sharded parameter updates its local shard, in place
+            key = (_step_size(group, self.state[p]["step"]), local.dtype)
+            params, dirs = steps.setdefault(key, ([], []))
+            params.append(local)
+            direction = local_view(direction)
+            dirs.append(direction if direction.dtype == local.dtype else direction.to(local.dtype))
+            if group["weight_decay"] > 0.0:
+                decays.setdefault(group["lr"] * group["weight_decay"], []).append(local)
+        for (step_size, _), (params, dirs) in steps.items():
+            torch._foreach_add_(params, dirs, alpha=-step_size)
+        for factor, params in decays.items():
+            torch._foreach_add_(params, params, alpha=-factor)
 
     # ----------------------------------------------------------------- per-layer mode
 
@@ -489,33 +575,45 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.stack([n.float() for n in norms]).isfinite().all())
 
 
+def _init_moments(state: dict, like: torch.Tensor) -> None:
+    """Zero Adam moments shaped like ``like`` (R for a projected matrix), once."""
+    if "exp_avg" not in state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(like)
+        state["exp_avg_sq"] = torch.zeros_like(like)
+
+
+def _by_group(items: list[tuple[dict, dict, torch.Tensor]]
+              ) -> list[tuple[dict, list[tuple[int, dict, torch.Tensor]]]]:
+    """(group, [(position, state, tensor)]) for the items of each param group, in order."""
+    groups: dict[int, tuple[dict, list]] = {}
+    for i, (group, state, t) in enumerate(items):
+        groups.setdefault(id(group), (group, []))[1].append((i, state, t))
+    return list(groups.values())
+
+
 def _adam_direction(group: dict, state: dict, grad: torch.Tensor) -> torch.Tensor:
-    """Update the moments with ``grad`` and return m / (sqrt(v) + eps) (GaLore's form)."""
+    """Update the moments with ``grad`` and return m / (sqrt(v) + eps) (GaLore's form);
+    ``state["step"]`` has already been advanced."""
     beta1, beta2 = group["betas"]
-    state["step"] += 1
     m, v = state["exp_avg"], state["exp_avg_sq"]
     m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     return m / v.sqrt().add_(group["eps"])
 
 
+def _step_size(group: dict, step: int) -> float:
+    """Adam's bias-corrected learning rate at ``step``."""
+    bias1, bias2 = _bias_corrections(group, step)
+    return group["lr"] * math.sqrt(bias2) / bias1
+
+
 def _apply_update(group: dict, p: torch.Tensor, state: dict, direction: torch.Tensor) -> None:
     """p -= step_size * direction, then decoupled weight decay, as GaLore's AdamW."""
-    lr = group["lr"]
-    bias1, bias2 = _bias_corrections(group, state["step"])
-    step_size = lr * math.sqrt(bias2) / bias1
     p = local_view(p)  # a sharded parameter updates its local shard, in place
-    p.add_(local_view(direction).to(p.dtype), alpha=-step_size)
+    p.add_(local_view(direction).to(p.dtype), alpha=-_step_size(group, state["step"]))
     if group["weight_decay"] > 0.0:
-        p.add_(p, alpha=-lr * group["weight_decay"])
-
-
-def _adamw_update(group: dict, p: torch.Tensor, state: dict) -> None:
-    if "exp_avg" not in state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(p)
-        state["exp_avg_sq"] = torch.zeros_like(p)
-    _apply_update(group, p, state, _adam_direction(group, state, p.grad))
+        p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
 
 def _recovery_term(group: dict, state: dict, residual: torch.Tensor, r: torch.Tensor,

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lotus_dist import LotusAdamW, lotus_param_groups
-from lotus_dist.comm import DataParallelComm, assert_bases_agree, group_device
+from lotus_dist.comm import DataParallelComm, LocalComm, assert_bases_agree, group_device
 
 
 @pytest.mark.parametrize(("backend", "device"), [
@@ -45,26 +45,27 @@ def nccl_group():
     dist.destroy_process_group()
 
 
-def _model_and_optimizer() -> tuple[nn.Module, LotusAdamW]:
+def _model_and_optimizer(comm: LocalComm) -> tuple[nn.Module, LotusAdamW]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 16)).cuda()
     groups = lotus_param_groups(model, rank=8, target_modules=["0", "1"], update_proj_gap=2)
-    return model, LotusAdamW(groups, lr=1e-3)
+    return model, LotusAdamW(groups, lr=1e-3, comm=comm)
 
 
 @pytest.mark.cuda
 def test_lowrank_ddp_steps_on_nccl(nccl_group):
     """Low-rank DDP (the default for more than one GPU) all-reduces its verdict, its
     low-rank gradients and its sketches on the GPU, refreshes included."""
-    from lotus_dist.ddp import LowRankDDPComm
+    from lotus_dist.ddp import LowRankDDPComm, LowRankReducer
 
-    model, opt = _model_and_optimizer()
-    comm = LowRankDDPComm(model, opt, check_consistency=True)
-    opt.comm = comm
+    comm = LowRankDDPComm(check_consistency=True)
+    model, opt = _model_and_optimizer(comm)
+    reducer = LowRankReducer(model, opt, comm)
     assert comm.device == torch.device("cuda", 0)
     x = torch.randn(4, 64, device="cuda")
     for _ in range(3):
         model(x).square().mean().backward()
+        reducer.finish()
         opt.step()
         opt.zero_grad(set_to_none=True)
     assert comm.agree(True) and not comm.agree(False)

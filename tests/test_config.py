@@ -162,8 +162,9 @@ def test_section_must_be_a_mapping(tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["training.warmup_steps=200"], r"training\.warmup_steps \(200\) must be >= 0 and < "
-                                    r"training\.steps \(200\)"),
+    (["training.warmup_steps=-1"], r"training\.warmup_steps \(-1\) must be a step count >= 0 "
+                                   r"and < training\.steps \(200\), or a fraction"),
+    (["training.warmup_steps=1.5"], r"training\.warmup_steps \(1\.5\) must be a step count"),
     (["optim.rank=0"], r"optim\.rank must be > 0 for optim\.name=lotus"),
     (["optim.lr=0"], r"optim\.lr must be > 0"),
     (["training.steps=0", "training.warmup_steps=0"], r"training\.steps must be > 0"),
@@ -180,6 +181,22 @@ def test_section_must_be_a_mapping(tmp_path):
 def test_validation_names_the_keys(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_a_float_warmup_is_a_fraction_of_the_steps():
+    cfg = load_config(None, ["training.steps=55", "training.warmup_steps=0.1"])
+    assert cfg.training.warmup_steps == 5  # int(0.1 * 55): a step count from here on
+    assert load_config(None, ["training.warmup_steps=0.0"]).training.warmup_steps == 0
+    assert load_config(None, ["training.warmup_steps=30"]).training.warmup_steps == 30
+
+
+def test_a_warmup_the_run_is_too_short_for_becomes_a_tenth_of_it():
+    with pytest.warns(ConfigWarning, match=r"training\.warmup_steps=1000 is not below "
+                                           r"training\.steps=20: warming up for 2 steps"):
+        cfg = load_config(CONFIGS / "60m.yaml", ["training.steps=20"])
+    assert cfg.training.warmup_steps == 2
+    with pytest.warns(ConfigWarning, match="warming up for 0 steps"):
+        assert load_config(None, ["training.steps=5"]).training.warmup_steps == 0
 
 
 def test_validation_lists_every_problem_at_once():

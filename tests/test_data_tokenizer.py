@@ -1,10 +1,17 @@
 """Tokenizers: the trained byte-level BPE, loading, and errors that name the config key."""
 
+import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, models, processors
 
+from launcher.config import DataConfig
+from launcher.data import PROXY_VARIABLES
 from lotus_dist.data import DataError, TextTokenizer, load_tokenizer, train_tokenizer
 
 TEXTS = [
@@ -79,10 +86,64 @@ def test_unreachable_hub_tokenizer_ends_the_run_with_one_line(
 
     constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as the launcher would set it, offline
     with pytest.raises(SystemExit, match=r"^lotus-train: error: data\.tokenizer='lotus-dist/"
                                          r"no-such-tokenizer'.*local tokenizer\.json"):
         main("configs/tiny.yaml", ["data.tokenizer=lotus-dist/no-such-tokenizer",
                                    f"run.dir={tmp_path}"])
+
+
+def offline_env(tmp_path: Path) -> dict[str, str]:
+    """No network: the hub endpoint refuses connections, no proxy, an empty hub cache and
+    offline mode not chosen (the launcher has to find out itself)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *PROXY_VARIABLES}}
+    return {**env, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf-home")}
+
+
+@pytest.mark.parametrize(("overrides", "fix"), [
+    ([], r"data\.tokenizer='t5-base'.*set data\.tokenizer to a local tokenizer\.json"),
+    (["data.tokenizer=data/sample/tokenizer.json", "model.vocab_size=null"],
+     r"data\.path='allenai/c4'.*set data\.path to a local C4-layout folder.*lotus-train data "
+     r"prepare"),
+])
+def test_a_hub_config_without_network_fails_fast_with_one_line(tmp_path, overrides, fix):
+    """configs/60m.yaml (t5-base, allenai/c4) with no network and HF_HUB_OFFLINE unset: one
+    'lotus-train: error:' line naming the fix, in seconds rather than after the hub
+    client's ~26 s of retries."""
+    sets = [f"--set={item}" for item in [f"run.dir={tmp_path / 'run'}", *overrides]]
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "launcher", "train", "--config",
+                           "configs/60m.yaml", *sets], capture_output=True, text=True,
+                          env=offline_env(tmp_path), timeout=120)
+    elapsed = time.perf_counter() - start
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "Retrying" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("lotus-train: error: "), done.stderr
+    assert re.search(fix, last), last
+    assert elapsed < 20, f"{elapsed:.1f} s"  # the retries alone take 23 s
+
+
+def test_offline_mode_is_chosen_only_when_the_hub_is_needed_and_unreachable(monkeypatch):
+    from launcher import data
+
+    def refuse(*args, **kwargs):
+        raise ConnectionRefusedError("no network")
+
+    monkeypatch.setattr(data.socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")  # unset to the launcher, restored afterwards
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    local = DataConfig(path="data", tokenizer="configs")  # both exist: no probe needed
+    data.use_offline_hub_if_unreachable(local)
+    assert os.environ["HF_HUB_OFFLINE"] == ""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # a direct probe proves nothing
+    data.use_offline_hub_if_unreachable(DataConfig(tokenizer="t5-base"))
+    assert os.environ["HF_HUB_OFFLINE"] == ""
+    monkeypatch.delenv("HTTPS_PROXY")
+    data.use_offline_hub_if_unreachable(DataConfig(tokenizer="t5-base"))
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
 def test_tokenizer_without_eos_is_refused() -> None:

@@ -13,8 +13,8 @@ from torch import nn
 
 import lotus_dist.optim
 from lotus_dist import LotusAdamW, lotus_param_groups
-from lotus_dist.comm import DataParallelComm, InconsistentBasisError
-from lotus_dist.ddp import LowRankDDPComm
+from lotus_dist.comm import DataParallelComm, InconsistentBasisError, LocalComm
+from lotus_dist.ddp import LowRankDDPComm, LowRankReducer
 
 STEPS = 12
 
@@ -43,10 +43,10 @@ def loss_of(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
 
 
-def make(options: dict) -> tuple[nn.Module, LotusAdamW]:
+def make(options: dict, comm: LocalComm | None = None) -> tuple[nn.Module, LotusAdamW]:
     torch.manual_seed(0)
     model = TwoMatrices()
-    opt = LotusAdamW(lotus_param_groups(model, 3, **options), lr=0.02, seed=5)
+    opt = LotusAdamW(lotus_param_groups(model, 3, **options), lr=0.02, seed=5, comm=comm)
     return model, opt
 
 
@@ -79,9 +79,9 @@ def _worker(rank: int, world: int, port: int, options: dict, out: str, perturb: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    model, opt = make(options)
-    comm = LowRankDDPComm(model, opt, bucket_mb=0.001)  # tiny buckets: several in flight
-    opt.comm = comm
+    comm = LowRankDDPComm()
+    model, opt = make(options, comm)
+    reducer = LowRankReducer(model, opt, comm, bucket_mb=0.001)  # tiny: several in flight
     if perturb:  # each rank disturbs the statistics it feeds into the decision reduce
         reduce = comm.stats_reduce
         comm.stats_reduce = lambda flat: reduce(flat * (1 + 1e-3 * (rank - 0.5)))
@@ -90,11 +90,11 @@ def _worker(rank: int, world: int, port: int, options: dict, out: str, perturb: 
         local = batch[rank * 4:(rank + 1) * 4]
         opt.zero_grad()
         comm.reset()
-        comm.boundary = False  # two micro-batches, communication on the last only
+        reducer.boundary = False  # two micro-batches, communication on the last only
         (loss_of(model, local[:2]) / 2).backward()
-        comm.boundary = True
+        reducer.boundary = True
         (loss_of(model, local[2:]) / 2).backward()
-        comm.finish()
+        reducer.finish()
         norms.append(clipped_step(opt))
     torch.save({"weights": model.state_dict(), "refreshes": refresh_counts(opt),
                 "bytes": dict(comm.bytes),
@@ -176,21 +176,21 @@ def _corrupt_worker(rank: int, world: int, port: int, out: str, lowrank: bool) -
         return basis + 1e-3 if rank == world - 1 and grad.shape == (40, 12) else basis
 
     lotus_dist.optim.rsvd_basis = corrupted_rsvd
-    model, opt = make(LOTUS)
+    comm = (LowRankDDPComm(check_consistency=True) if lowrank
+            else DataParallelComm(check_consistency=True))
+    model, opt = make(LOTUS, comm)
     if lowrank:
-        comm = LowRankDDPComm(model, opt, check_consistency=True)
+        reducer = LowRankReducer(model, opt, comm)
     else:  # plain DDP: every rank averages the full gradients, then decides alone
-        comm = DataParallelComm(check_consistency=True)
         for p in model.parameters():
             dist.broadcast(p.data, 0)
-    opt.comm = comm
     message = None
     try:
         for batch in global_batches(world)[:2]:
             opt.zero_grad()
             loss_of(model, batch[rank * 4:(rank + 1) * 4]).backward()
             if lowrank:
-                comm.finish()
+                reducer.finish()
             else:
                 for p in model.parameters():
                     dist.all_reduce(p.grad)

@@ -28,6 +28,7 @@ pytest.importorskip("deepspeed")
 import torch
 import torch.distributed as dist
 
+from launcher.capabilities import plan_run
 from launcher.config import ConfigError, load_config
 from launcher.distributed import DistInfo
 from launcher.engines import build_engine
@@ -235,17 +236,17 @@ def test_a_json_that_contradicts_the_config_is_refused(tmp_path, json_text, mess
 
 
 @pytest.mark.parametrize(("sets", "message"), [
-    (("optim.name=lotus", zero(3)), "Use parallel.engine=fsdp"),
-    (("optim.name=galore", zero(3)), "Use parallel.engine=fsdp"),
+    (("optim.name=lotus", zero(3)), "use parallel.engine=fsdp"),
+    (("optim.name=galore", zero(3)), "use parallel.engine=fsdp"),
     ((zero(1), "optim.per_layer=true"), "optim.per_layer=true"),
-    ((zero(1), "training.clip_on=consumed"), "ddp/fsdp option"),
+    ((zero(1), "training.clip_on=consumed"), "DeepSpeed clips the full gradient"),
     ((zero(1), "parallel.mixed_precision=bf16"), "set training.dtype=bf16"),
     ((zero(1), "parallel.check_consistency=true"), "use parallel.engine=ddp or fsdp"),
     (("optim.name=lotus",), "needs parallel.deepspeed_config"),
 ])
 def test_unsupported_combinations_fail_before_anything_is_built(sets, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        build_engine(config(*sets), TINY, CPU)
+        plan_run(config(*sets), CPU.world_size, True, CPU.device)
     assert not dist.is_initialized()
 
 
@@ -253,7 +254,8 @@ def test_lotus_at_zero2_needs_the_world_size_to_divide_the_matrix_counts():
     """Tiny has 16 square and 12 MLP matrices: 3 ranks cannot own them whole."""
     cfg = config(zero(2), "training.batch_size=12", "training.micro_batch_size=4")
     with pytest.raises(ConfigError, match=r"not multiples of 3.*Use parallel\.engine=fsdp"):
-        build_engine(cfg, TINY, dataclasses.replace(CPU, world_size=3))
+        build_engine(cfg, TINY, dataclasses.replace(CPU, world_size=3),
+                     plan_run(cfg, 3, True, CPU.device))
     assert not dist.is_initialized()
 
 

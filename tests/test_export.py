@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,10 +11,11 @@ import torch.nn.functional as F
 from small_runs import small_run
 
 from launcher.cli import main as cli
-from launcher.config import load_config
+from launcher.config import config_to_dict, load_config
 from launcher.data import build_data
 from launcher.distributed import DistInfo
 from launcher.train import run
+from lotus_dist.data import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +64,60 @@ def fails_with(argv: list[str], message: str) -> None:
     assert message in str(exc.value), str(exc.value)
 
 
-def test_a_step_without_a_checkpoint_is_named(trained, tmp_path):
+def test_a_step_without_a_checkpoint_is_named_with_the_steps_that_have_one(trained, tmp_path):
     cfg, _ = trained
     fails_with(["export", "--run", cfg.run.dir, "--out", str(tmp_path / "hf"), "--step", "5"],
-               "no complete checkpoint at")
+               "no complete checkpoint at step 5 in ")
+    fails_with(["export", "--run", cfg.run.dir, "--out", str(tmp_path / "hf"), "--step", "5"],
+               "(complete checkpoints: step 3, 6)")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_the_export_holds_the_runs_tokenizer_and_config(trained, small_corpus, tmp_path):
+    cfg, _ = trained
+    cli(["export", "--run", cfg.run.dir, "--out", str(tmp_path / "hf")])
+    out = tmp_path / "hf"
+    ours = load_tokenizer(small_corpus[1])
+    shipped = load_tokenizer(out / "tokenizer.json")
+    text = ["Return the number of items in a container.\n\n  Two lines."]
+    assert shipped.encode_batch(text) == ours.encode_batch(text)
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_config["eos_token"] == "</s>" == ours.tokenizer.id_to_token(ours.eos_id)
+    assert tok_config["pad_token"] == "<pad>" and tok_config["unk_token"] == "<unk>"
+    assert tok_config["model_max_length"] == cfg.model.max_seq_len
+    generation = json.loads((out / "generation_config.json").read_text())
+    model_config = json.loads((out / "config.json").read_text())
+    for config in (generation, model_config):
+        assert config["eos_token_id"] == ours.eos_id
+        assert config["pad_token_id"] == ours.tokenizer.token_to_id("<pad>")
+        assert config["bos_token_id"] is None  # documents are packed with no BOS
+    recorded = load_config(out / "lotus-config.yaml")
+    assert config_to_dict(recorded) == config_to_dict(cfg)
+
+
+def test_transformers_loads_the_tokenizer_and_generates(trained, small_corpus, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg, _ = trained
+    cli(["export", "--run", cfg.run.dir, "--out", str(tmp_path / "hf")])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = load_tokenizer(small_corpus[1])
+    text = "Return the number of items in a container."
+    assert tokenizer(text)["input_ids"] == ours.encode_batch([text])[0]
+    assert tokenizer.eos_token_id == ours.eos_id
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert model.generation_config.eos_token_id == ours.eos_id
+    prompt = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 4
+    assert torch.equal(out[0, :prompt["input_ids"].shape[1]], prompt["input_ids"][0])
+
+
+def test_a_tokenizer_that_cannot_be_found_names_the_flag(trained, tmp_path):
+    cfg, _ = trained
+    fails_with(["export", "--run", cfg.run.dir, "--out", str(tmp_path / "hf"), "--tokenizer",
+                str(tmp_path / "missing.json")], "pass --tokenizer PATH")
     assert not (tmp_path / "hf").exists()
 
 

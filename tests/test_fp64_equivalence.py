@@ -51,10 +51,13 @@ def zero(stage: int) -> list[str]:
             "training.grad_clip=0"]
 
 
-#: (method, ranks, engine overrides). Batch 24 in micro-batches of 2: 12, 6, 4 and 3
-#: micro-batches per rank on 1, 2, 3 and 4 ranks. The tiny model's dims (128, 352) split
-#: unevenly over 3 ranks.
+#: (method, ranks, engine overrides); the key's middle part is the engine that must run
+#: (under torchrun the named engine runs at one rank too). Batch 24 in micro-batches of
+#: 2: 12, 6, 4 and 3 micro-batches per rank on 1, 2, 3 and 4 ranks. The tiny model's
+#: dims (128, 352) split unevenly over 3 ranks.
 CASES = {
+    "lotus-ddp_lowrank-1": ("lotus", 1, []),
+    "lotus-fsdp-1": ("lotus", 1, ["parallel.engine=fsdp"]),
     "lotus-ddp_lowrank-2": ("lotus", 2, []),
     "lotus-ddp_lowrank-3": ("lotus", 3, []),
     "lotus-ddp-4": ("lotus", 4, ["parallel.lowrank_comm=false"]),
@@ -113,6 +116,9 @@ def test_n_ranks_equal_one_rank_in_fp64(small_corpus, reference, tmp_path, case)
     method, nproc, engine = CASES[case]
     ref = reference(method, unclipped=DS in engine)
     torchrun(nproc, sets(*small_corpus, tmp_path, method, *engine))
+    expected = case.split("-")[1]
+    expected = f"deepspeed_{expected}" if expected.startswith("zero") else expected
+    assert json.loads((tmp_path / "summary.json").read_text())["engine"] == expected
     got_rows, ref_rows = rows(tmp_path), rows(ref)
     assert [r["step"] for r in got_rows] == list(range(1, STEPS + 1))
     assert [r["step"] for r in ref_rows] == list(range(1, STEPS + 1))

@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lotus_dist import LotusAdamW, lotus_param_groups
+from lotus_dist.comm import LocalComm
 from lotus_dist.fsdp import lotus_shard_dim
 from lotus_dist.projection import projection_side
 
@@ -78,9 +79,10 @@ def global_batch(step: int) -> dict[str, torch.Tensor]:
     return {k: torch.randn(BATCH, n, generator=gen) for k, (_, n) in SHAPES.items()}
 
 
-def make_optimizer(model: nn.Module, options: dict[str, Any]) -> LotusAdamW:
+def make_optimizer(model: nn.Module, options: dict[str, Any],
+                   comm: LocalComm | None = None) -> LotusAdamW:
     groups = lotus_param_groups(model, RANK, ["maps"], **options)
-    return LotusAdamW(groups, lr=0.05, seed=1)
+    return LotusAdamW(groups, lr=0.05, seed=1, comm=comm)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -141,8 +143,7 @@ def _sharded_toy(mesh, world: int, options: dict[str, Any], check_consistency: b
     fully_shard(model, mesh=mesh, shard_placement_fn=placement)
     model.to_empty(device="cpu")
     model.init_weights()
-    opt = make_optimizer(model, options)
-    opt.comm = FSDPComm(opt, mesh, check_consistency=check_consistency)
+    opt = make_optimizer(model, options, FSDPComm(mesh, check_consistency=check_consistency))
     return model, opt
 
 
@@ -245,6 +246,7 @@ def _memory_config(world: int):
 def _engine_memory(world: int) -> dict[str, int]:
     """Local elements of weights, gradients and optimizer state after one step of the
     FSDP engine on the tiny LLaMA (vocab 512)."""
+    from launcher.capabilities import plan_run
     from launcher.distributed import DistInfo
     from launcher.engines import build_engine
     from lotus_dist.model import MODEL_SIZES
@@ -252,7 +254,9 @@ def _engine_memory(world: int) -> dict[str, int]:
     cfg = _memory_config(world)
     model_cfg = dataclasses.replace(MODEL_SIZES["tiny"], vocab_size=512, max_seq_len=16)
     rank = torch.distributed.get_rank() if world > 1 else 0
-    engine = build_engine(cfg, model_cfg, DistInfo(rank, world, 0, torch.device("cpu")))
+    cpu = torch.device("cpu")
+    engine = build_engine(cfg, model_cfg, DistInfo(rank, world, 0, cpu),
+                          plan_run(cfg, world, True, cpu))
     tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
     with engine.micro_batch(last=True):
         logits = engine.model(tokens[:, :-1])

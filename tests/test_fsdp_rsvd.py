@@ -21,7 +21,6 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from lotus_dist import LotusAdamW
 from lotus_dist.fsdp import lotus_shard_dim
 from lotus_dist.projection import projection_side, refresh_generator, rsvd_basis, subspace_error
 
@@ -117,12 +116,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             p = nn.Parameter(distribute_tensor(torch.zeros_like(grad), mesh, [Shard(dim)],
                                                 src_data_rank=None))
             p.grad = distribute_tensor(grad, mesh, [Shard(dim)], src_data_rank=None)
-            opt = LotusAdamW([{"params": [p], "rank": RANK}])
-            comm = FSDPComm(opt, mesh)
+            comm = FSDPComm(mesh)
             side = projection_side(grad.shape, "std")
             gen = refresh_generator(0, 0, 0)
             sharded = rsvd_basis(p.grad.to_local(), RANK, side, oversample=OVERSAMPLE,
-                                 power_iters=POWER_ITERS, generator=gen, comm=comm.rsvd_comm(p))
+                                 power_iters=POWER_ITERS, generator=gen,
+                                 comm=comm.rsvd_comm(p, side))
             reference = rsvd_basis(grad, RANK, side, oversample=OVERSAMPLE,
                                    power_iters=POWER_ITERS, generator=refresh_generator(0, 0, 0))
             results[case_id] = {"sharded": sharded, "reference": reference}
@@ -135,22 +134,20 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             side = projection_side(grad.shape, "std")
             options = {"oversample": ILL_OVERSAMPLE, "power_iters": ILL_POWER_ITERS}
             p = nn.Parameter(torch.zeros_like(grad))
-            opt = LotusAdamW([{"params": [p], "rank": ILL_RANK, **options}])
             if dim == "ddp":  # each rank holds its own summand; the target is their mean
                 gen = torch.Generator().manual_seed(3)
                 spread = 0.02 * torch.randn(grad.shape, generator=gen)  # ||.||_2 ~ sigma_1
                 summands = [grad + (w - (sub_world - 1) / 2) * spread for w in range(sub_world)]
                 local, target = summands[rank], torch.stack(summands).double().mean(0).float()
-                comm = LowRankDDPComm(nn.Linear(2, 2), opt, group=groups[sub_world])
+                comm = LowRankDDPComm(group=groups[sub_world])
             else:
                 mesh = DeviceMesh.from_group(groups[sub_world], "cpu")
                 p = nn.Parameter(distribute_tensor(torch.zeros_like(grad), mesh, [Shard(dim)],
                                                     src_data_rank=None))
                 p.grad = distribute_tensor(grad, mesh, [Shard(dim)], src_data_rank=None)
-                opt = LotusAdamW([{"params": [p], "rank": ILL_RANK, **options}])
-                comm, local, target = FSDPComm(opt, mesh), p.grad.to_local(), grad
+                comm, local, target = FSDPComm(mesh), p.grad.to_local(), grad
             distributed = rsvd_basis(local, ILL_RANK, side, generator=refresh_generator(0, 0, 0),
-                                     comm=comm.rsvd_comm(p), **options)
+                                     comm=comm.rsvd_comm(p, side), **options)
             reference = rsvd_basis(target, ILL_RANK, side, generator=refresh_generator(0, 0, 0),
                                    **options)
             results[case_id] = {"distributed": distributed, "reference": reference,

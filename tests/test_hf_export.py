@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from lotus_dist.hf_export import export_hf, hf_key, hf_state_dict
+from lotus_dist.hf_export import HFFolderError, export_hf, hf_key, hf_state_dict, load_hf
 from lotus_dist.model import LlamaConfig, build_model, build_model_on_meta
 
 # rope_theta and norm_eps differ from HF's defaults, so the parity test checks they are exported.
@@ -75,6 +75,40 @@ def test_export_replaces_a_previous_export_and_leaves_no_temp_folders(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
     loaded = load_file(tmp_path / "hf" / "model.safetensors")
     assert torch.equal(loaded["lm_head.weight"], second.lm_head.weight)
+
+
+def test_load_hf_gives_back_the_exported_model(tmp_path):
+    model = build_model(CFG, seed=5)
+    export_hf(model, tmp_path / "hf")
+    loaded = load_hf(tmp_path / "hf")
+    assert loaded.cfg == CFG  # rope_theta and norm_eps included
+    tokens = torch.randint(CFG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+    export_hf(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    weight = load_hf(tmp_path / "bf16").layers[0].mlp.up_proj.weight
+    assert weight.dtype == torch.float32
+    assert torch.equal(weight, model.layers[0].mlp.up_proj.weight.bfloat16().float())
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"num_key_value_heads": 2}, "grouped-query attention"),
+    ({"tie_word_embeddings": True}, "tied input and output embeddings"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling llama3"),
+    ({"intermediate_size": 200}, "does not match its config.json"),
+    ({"hidden_size": 96}, "head_dim 16 is not hidden_size / num_attention_heads = 24"),
+])
+def test_load_hf_refuses_what_our_llama_does_not_model(tmp_path, change, message):
+    out_dir = export_hf(build_model(CFG), tmp_path / "hf")
+    config = json.loads((out_dir / "config.json").read_text())
+    (out_dir / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(HFFolderError, match=message):
+        load_hf(out_dir)
+
+
+def test_load_hf_names_a_folder_without_weights(tmp_path):
+    with pytest.raises(HFFolderError, match="is not a Hugging Face model folder"):
+        load_hf(tmp_path)
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])

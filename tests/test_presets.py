@@ -13,6 +13,7 @@ import yaml
 from small_runs import small_run
 from torch import nn
 
+from launcher.capabilities import check_supported
 from launcher.config import (
     METHOD_PRESETS,
     METHODS,
@@ -26,7 +27,6 @@ from launcher.config import (
     method_optim_config,
     validate_world_size,
 )
-from launcher.engines import _check_lowrank_ddp
 from launcher.optimizer import build_optimizer
 from lotus_dist import LotusAdamW
 from lotus_dist.projection import svd_basis
@@ -246,7 +246,7 @@ def test_grass_methods_under_lowrank_ddp_fail_with_a_clear_config_error():
     cfg = load_quietly(CONFIGS / "tiny.yaml", ["optim.name=grasswalk",
                                                "parallel.lowrank_comm=true"])
     with pytest.raises(ConfigError, match=r"recovery_scaling.*parallel\.lowrank_comm=false"):
-        _check_lowrank_ddp(cfg)
+        check_supported(cfg, "ddp_lowrank")
 
 
 def test_every_low_rank_method_is_a_projected_optimizer():
@@ -326,9 +326,10 @@ def test_a_bad_preset_of_another_method_still_fails(tmp_path):
 
 
 def test_per_layer_needs_a_low_rank_method():
-    with pytest.raises(ConfigError, match=r"optim\.per_layer=true needs a low-rank method"), \
-            pytest.warns(ConfigWarning, match=r"optim\.per_layer"):
-        load_config(None, ["optim.name=adamw", "optim.per_layer=true"])
+    with pytest.warns(ConfigWarning, match=r"optim\.per_layer"):
+        cfg = load_config(None, ["optim.name=adamw", "optim.per_layer=true"])
+    with pytest.raises(ConfigError, match=r"optim\.per_layer=true needs a low-rank optim\.name"):
+        check_supported(cfg, "single")
 
 
 def test_help_lists_every_preset_with_its_source():

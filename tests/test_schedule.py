@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from launcher.config import ConfigWarning, load_config
 from launcher.schedule import build_lr_scheduler, lr_factor
 
 
@@ -62,3 +63,29 @@ def test_state_dict_resumes_at_the_same_step():
     assert resumed_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
     assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(lr_factor(8, 3, 30, 0.1))
     assert math.isclose(resumed.get_last_lr()[0], scheduler.get_last_lr()[0])
+
+
+def lrs_of(overrides: list[str]) -> list[float]:
+    """The lr of every step of the schedule the config builds (peak 1)."""
+    t = load_config(None, ["optim.lr=1.0", *overrides]).training
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_lr_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
+    lrs = []
+    for _ in range(t.steps):
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.step()
+    return lrs
+
+
+def test_a_warmup_fraction_warms_up_over_that_share_of_the_steps():
+    lrs = lrs_of(["training.steps=40", "training.warmup_steps=0.1"])
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # 4 = 10% of 40 steps
+    assert all(a > b for a, b in itertools.pairwise(lrs[4:]))
+
+
+def test_a_smoke_run_of_a_long_warmup_still_decays():
+    with pytest.warns(ConfigWarning, match="warming up for 3 steps"):
+        lrs = lrs_of(["training.steps=30", "training.warmup_steps=1000"])
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert lrs[-1] == pytest.approx(lr_factor(29, 3, 30, 0.1))
+    assert lrs[-1] < 0.2

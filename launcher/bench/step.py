@@ -48,7 +48,8 @@ from typing import Any
 import torch
 
 from launcher.bench.projector import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
-from launcher.config import Config, load_config, validate_world_size
+from launcher.capabilities import plan_run
+from launcher.config import Config, load_config
 from launcher.data import build_sample_if_default, model_vocab_size
 from launcher.distributed import DistInfo
 from launcher.engines import build_engine
@@ -106,11 +107,11 @@ def _serve(conn: Connection, cfg: Config, batches_path: str, device: torch.devic
                                     max_seq_len=cfg.model.max_seq_len)
     dist_info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     torch.manual_seed(cfg.training.seed)
-    engine = build_engine(cfg, model_cfg, dist_info)
+    plan = plan_run(cfg, 1, grouped=False, device=device)
+    engine = build_engine(cfg, model_cfg, dist_info, plan)
     scheduler = build_lr_scheduler(engine.optimizer, cfg.training.warmup_steps,
                                    cfg.training.steps, cfg.training.min_lr_ratio)
-    trainer = Trainer(cfg, dist_info, engine, scheduler, None, None,
-                      validate_world_size(cfg, 1))
+    trainer = Trainer(cfg, dist_info, engine, scheduler, None, None, plan.accum_steps)
     optimizer = engine.optimizer
     optimizer_seconds = _time_optimizer_part(engine, device)
     for _ in range(warmup_steps):

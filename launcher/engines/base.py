@@ -19,6 +19,18 @@ from launcher.train_state import ModelState, OptimizerState
 from lotus_dist import LotusAdamW
 
 
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block in backward instead of saving its activations.
+
+    The composable API adds hooks instead of a wrapper, so parameter names (init seeds,
+    checkpoints, optimizer groups) stay those of a bare ``Llama``; applied before any
+    parallel wrapper, so the recomputation runs after FSDP's pre-backward all-gather."""
+    from torch.distributed._composable import checkpoint
+
+    for block in model.layers:
+        checkpoint(block)
+
+
 def param_dtype(training_dtype: str) -> torch.dtype:
     """The parameters' dtype: fp64 for ``training.dtype=fp64`` (model and optimizer in
     float64, for exactness tests), else fp32 (bf16 runs autocast their compute)."""
@@ -62,16 +74,22 @@ class Engine:
         if self.per_layer:
             return math.nan
         if self.clip_consumed:
-            if not self.optimizer.prepare():
-                return math.nan
-            norm = self.optimizer.consumed_grad_norm()
-            if max_norm > 0 and norm > max_norm:
-                self.optimizer.scale_consumed_grads(max_norm / (norm + 1e-6))
-            return norm
+            return self.clip_consumed_norm(max_norm)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if max_norm > 0:
             return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+    def clip_consumed_norm(self, max_norm: float) -> float:
+        """``prepare()`` the optimizer step and clip on the norm of what the update
+        consumes (R for projected matrices); nan when a gradient is non-finite (every
+        rank skips: the optimizer's comm agrees on it)."""
+        if not self.optimizer.prepare():
+            return math.nan
+        norm = self.optimizer.consumed_grad_norm()
+        if max_norm > 0 and norm > max_norm:
+            self.optimizer.scale_consumed_grads(max_norm / (norm + 1e-6))
+        return norm
 
     def optimizer_step(self) -> None:
         self.optimizer.step()

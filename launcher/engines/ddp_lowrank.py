@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 
 from torch import nn
@@ -11,38 +10,38 @@ from torch import nn
 from launcher.distributed import DistInfo
 from launcher.engines.base import Engine
 from lotus_dist import LotusAdamW
-from lotus_dist.ddp import BYTES_KINDS, LowRankDDPComm
+from lotus_dist.comm import BYTES_KINDS
+from lotus_dist.ddp import LowRankDDPComm, LowRankReducer
 
 
 class LowRankDDPEngine(Engine):
     """Order of one step: backward hooks project and send buckets as gradients become
     final (last micro-batch only, so accumulation communicates once); ``clip_grad_norm``
     waits for them, lets the optimizer refresh what is due (distributed rSVD) and clips
-    on the norm of what the update consumes; ``optimizer_step`` runs the update."""
+    on the norm of what the update consumes; ``optimizer_step`` runs the update.
+
+    ``optimizer`` was built with a ``LowRankDDPComm``; the engine owns the reducer."""
 
     name = "ddp_lowrank"
 
-    def __init__(self, raw_model: nn.Module, optimizer: LotusAdamW, dist_info: DistInfo, *,
-                 check_consistency: bool = False) -> None:
+    def __init__(self, raw_model: nn.Module, optimizer: LotusAdamW,
+                 dist_info: DistInfo) -> None:
         super().__init__(raw_model, raw_model, optimizer, dist_info)
-        self.comm = LowRankDDPComm(raw_model, optimizer, check_consistency=check_consistency)
-        optimizer.comm = self.comm
+        if not isinstance(optimizer.comm, LowRankDDPComm):
+            raise TypeError("LowRankDDPEngine needs an optimizer built with a LowRankDDPComm")
+        self.comm: LowRankDDPComm = optimizer.comm
+        self.reducer = LowRankReducer(raw_model, optimizer, self.comm)
         self.steps = 0
 
     @contextlib.contextmanager
     def micro_batch(self, last: bool) -> Iterator[None]:
-        self.comm.boundary = last
+        self.reducer.boundary = last
         yield
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        self.comm.finish()
+        self.reducer.finish()
         self.steps += 1
-        if not self.optimizer.prepare():
-            return math.nan  # non-finite somewhere: every rank skips (comm.agree)
-        norm = self.optimizer.consumed_grad_norm()
-        if max_norm > 0 and norm > max_norm:
-            self.optimizer.scale_consumed_grads(max_norm / (norm + 1e-6))
-        return norm
+        return self.clip_consumed_norm(max_norm)
 
     def zero_grad(self) -> None:
         self.comm.reset()

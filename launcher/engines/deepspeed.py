@@ -6,7 +6,7 @@ Wiring, top to bottom (``build_deepspeed_engine``):
    (``deepspeed_config``): a JSON that sets one of them to another value is an error, not
    a silent override, and so is an ``optimizer``, ``scheduler`` or ``fp16`` block.
 2. Refuse, before anything is built, every combination that cannot give the algorithm
-   the config asks for (``check_supported``); the message names the engine to use.
+   the config asks for (``launcher.capabilities``); the message names the engine to use.
 3. Build the whole model on every rank (ZeRO-3 partitions it inside ``initialize``).
 4. Build the optimizer: torch AdamW, or ``ZeroLotusAdamW`` from the single-process param
    groups (so every matrix keeps its index and refresh seed), regrouped at ZeRO-1/2 so
@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,15 +35,13 @@ import torch
 import torch.distributed as dist
 
 from launcher.checkpoint import CheckpointError
-from launcher.config import PROJECTED_OPTIMIZERS, Config, ConfigError, validate_world_size
-from launcher.distributed import DistInfo
+from launcher.compile import maybe_compile
+from launcher.config import Config, ConfigError
+from launcher.distributed import DistInfo, join_one_process_group
 from launcher.engines.base import Engine, param_dtype
 from launcher.optimizer import build_optimizer
 from lotus_dist.deepspeed import PartitionLayoutError, ZeroLotusAdamW
 from lotus_dist.model import LlamaConfig, build_model
-
-SUPPORTED_STAGES = {"adamw": (0, 1, 2, 3), **dict.fromkeys(PROJECTED_OPTIMIZERS, (0, 1, 2))}
-"""ZeRO stages per ``optim.name``; ZeRO-3 leaves every rank a slice of every matrix."""
 
 _FORBIDDEN_BLOCKS = {
     "optimizer": "the optimizer comes from optim.*",
@@ -101,55 +98,17 @@ def deepspeed_config(cfg: Config, accum_steps: int, device: torch.device) -> dic
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
+    """The ZeRO stage a DeepSpeed JSON asks for (0 when it says none)."""
+    try:
+        return int(ds.get("zero_optimization", {}).get("stage", 0))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3: {e}") from e
 
 
-def check_supported(cfg: Config, ds: dict[str, Any]) -> None:
-    """Raise ConfigError for any combination DeepSpeed cannot run as configured."""
-    o, p, stage = cfg.optim, cfg.parallel, zero_stage(ds)
-    path = p.deepspeed_config
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
-    if stage not in SUPPORTED_STAGES[o.name]:
-        raise ConfigError(
-            f"optim.name={o.name} does not run under DeepSpeed ZeRO-{stage} ({path}): ZeRO-3 "
-            "leaves each rank a flat slice of every matrix, so no rank can project a whole "
-            "gradient. Use parallel.engine=fsdp (ZeRO-3 semantics with per-shard projection), "
-            "or ZeRO-1/2 (configs/deepspeed/zero2.json)")
-    if o.per_layer:
-        raise ConfigError("optim.per_layer=true steps inside backward, but DeepSpeed owns the "
-                          "step; use parallel.engine=ddp in a single process")
-    if cfg.training.clip_on == "consumed":
-        raise ConfigError("training.clip_on=consumed is a ddp/fsdp option: DeepSpeed clips the "
-                          "full gradient inside its step; set training.clip_on=auto")
-    if p.mixed_precision != "none":
-        raise ConfigError("parallel.mixed_precision is an fsdp option; under deepspeed set "
-                          "training.dtype=bf16 (it fills bf16.enabled)")
-    if p.activation_checkpointing:
-        raise ConfigError("parallel.activation_checkpointing is not applied by the deepspeed "
-                          "engine; use parallel.engine=fsdp, or set it to false")
-    if p.check_consistency:
-        raise ConfigError("parallel.check_consistency compares bases across ranks, but under "
-                          "deepspeed each basis lives on one rank at ZeRO-1/2; use "
-                          "parallel.engine=ddp or fsdp to debug consistency")
-    if o.name in PROJECTED_OPTIMIZERS:
-        zero = ds.get("zero_optimization", {})
-        for key in ("offload_optimizer", "offload_param"):
-            if zero.get(key) and zero[key].get("device", "none") != "none":
-                raise ConfigError(f"{path}: zero_optimization.{key} is not supported with "
-                                  f"optim.name={o.name}; remove it or use parallel.engine=fsdp")
-        if zero.get("elastic_checkpoint"):
-            raise ConfigError(f"{path}: zero_optimization.elastic_checkpoint re-partitions "
-                              f"optimizer state by position, which breaks optim.name={o.name}'s "
-                              "per-matrix state; remove it")
-
-
-def build_deepspeed_engine(cfg: Config, model_cfg: LlamaConfig,
-                           dist_info: DistInfo) -> DeepSpeedEngine:
-    """Steps 1-5 of the module docstring; every refusal happens before the first step."""
-    accum_steps = validate_world_size(cfg, dist_info.world_size)
-    ds_cfg = deepspeed_config(cfg, accum_steps, dist_info.device)
-    check_supported(cfg, ds_cfg)
+def build_deepspeed_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo,
+                           ds_cfg: dict[str, Any]) -> DeepSpeedEngine:
+    """Steps 3-5 of the module docstring, on the JSON ``deepspeed_config`` filled and
+    ``launcher.capabilities`` checked: every refusal happened before this."""
     stage = zero_stage(ds_cfg)
     try:
         import deepspeed  # optional dependency: only this engine needs it
@@ -159,6 +118,7 @@ def build_deepspeed_engine(cfg: Config, model_cfg: LlamaConfig,
 
     model = build_model(model_cfg, device=dist_info.device, seed=cfg.training.seed,
                         dtype=param_dtype(cfg.training.dtype))
+    maybe_compile(model, cfg)
     optimizer = build_optimizer(cfg.optim, model, seed=cfg.training.seed)
     if isinstance(optimizer, torch.optim.AdamW):
         client: torch.optim.Optimizer = optimizer
@@ -167,7 +127,7 @@ def build_deepspeed_engine(cfg: Config, model_cfg: LlamaConfig,
         if stage in (1, 2):
             _or_config_error(client.regroup_for_zero, dist_info.world_size)
     _quiet_deepspeed(dist_info.device)
-    _join_process_group(dist_info.device)
+    join_one_process_group(dist_info.device, cfg.parallel.timeout_s)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=ds_cfg)
     if isinstance(client, ZeroLotusAdamW):
         _or_config_error(client.bind, ds_engine.optimizer)
@@ -305,17 +265,6 @@ def _or_config_error(fn: Any, *args: Any) -> None:
         fn(*args)
     except PartitionLayoutError as e:
         raise ConfigError(f"parallel.engine=deepspeed: {e}") from e
-
-
-def _join_process_group(device: torch.device) -> None:
-    """DeepSpeed needs a process group and LOCAL_RANK even for one process; under torchrun
-    or the deepspeed launcher both are there already."""
-    if not dist.is_initialized():
-        for key in ("LOCAL_RANK", "RANK"):
-            os.environ.setdefault(key, "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                store=dist.HashStore(), rank=0, world_size=1)
 
 
 def _quiet_deepspeed(device: torch.device) -> None:

@@ -13,45 +13,45 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from launcher.config import PROJECTED_OPTIMIZERS, Config, ConfigError, clips_consumed
-from launcher.distributed import DistInfo, all_reduce_sum
-from launcher.engines.base import Engine, param_dtype
+from launcher.compile import maybe_compile
+from launcher.config import PROJECTED_OPTIMIZERS, Config, clips_consumed
+from launcher.distributed import DistInfo, all_reduce_sum, join_one_process_group
+from launcher.engines.base import Engine, apply_activation_checkpointing, param_dtype
 from launcher.optimizer import build_optimizer
 from lotus_dist import LotusAdamW
+from lotus_dist.comm import BYTES_KINDS as COMM_BYTES_KINDS
 from lotus_dist.comm import partial_dot
 from lotus_dist.fsdp import FSDPComm, lotus_shard_placement, projected_sides
 from lotus_dist.model import Llama, LlamaConfig, build_model_on_meta
 
-BYTES_KINDS = ("param_allgathers", "full_gradients", "lowrank_gradients", "sketches", "stats")
+#: FSDP's own parameter all-gathers, then what the Lotus comm counts.
+BYTES_KINDS = ("param_allgathers", *COMM_BYTES_KINDS)
 
 
-def build_fsdp_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo) -> FSDPEngine:
-    """The model sharded on a 1-D mesh over all ranks, with its optimizer."""
+def build_fsdp_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo,
+                      accum_steps: int) -> FSDPEngine:
+    """The model sharded on a 1-D mesh over all ranks (one, launched without torchrun),
+    with its optimizer; ``launcher.capabilities`` has checked the settings."""
     o = cfg.optim
-    if cfg.training.clip_on == "consumed" and o.name not in PROJECTED_OPTIMIZERS:
-        raise ConfigError("training.clip_on=consumed needs a low-rank optim.name ("
-                          f"{', '.join(PROJECTED_OPTIMIZERS)})")
+    join_one_process_group(dist_info.device, cfg.parallel.timeout_s)
     mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
     model = build_model_on_meta(model_cfg).to(param_dtype(cfg.training.dtype))
     sides = (projected_sides(model, o.rank, o.target_modules, o.proj_type)
              if o.name in PROJECTED_OPTIMIZERS else {})
     mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                  if cfg.parallel.mixed_precision == "bf16" else MixedPrecisionPolicy())
+    maybe_compile(model, cfg)  # lazy: compiles each block's call with the hooks added next
     parallelize_llama(model, mesh, lotus_shard_placement(sides, dist_info.world_size),
                       mp_policy, cfg.parallel.activation_checkpointing)
     # Allocate only the local shards, then fill them from full-size draws seeded by
     # (seed, name): the weights equal a single process's at any world size.
     model.to_empty(device=dist_info.device)
     model.init_weights(cfg.training.seed)
-    optimizer = build_optimizer(o, model, seed=cfg.training.seed)
-    if isinstance(optimizer, LotusAdamW):
-        optimizer.comm = FSDPComm(optimizer, mesh,
-                                  check_consistency=cfg.parallel.check_consistency)
-    accum_steps = cfg.training.batch_size // (dist_info.world_size * cfg.training.micro_batch_size)
+    comm = FSDPComm(mesh, check_consistency=cfg.parallel.check_consistency)
+    optimizer = build_optimizer(o, model, seed=cfg.training.seed, comm=comm)
     engine = FSDPEngine(model, optimizer, dist_info, mesh, accum_steps,
                         param_bytes=2 if cfg.parallel.mixed_precision == "bf16" else 4)
     engine.clip_consumed = clips_consumed(cfg)
@@ -77,8 +77,7 @@ def parallelize_llama(model: Llama, mesh: DeviceMesh,
     keeps (``lotus_dist.fsdp``); everything else is sharded on dim 0.
     """
     if activation_checkpointing:
-        for block in model.layers:
-            checkpoint(block)
+        apply_activation_checkpointing(model)
     kwargs = {"mesh": mesh, "mp_policy": mp_policy, "shard_placement_fn": shard_placement_fn}
     for block in model.layers:
         fully_shard(block, **kwargs)
@@ -102,7 +101,7 @@ class FSDPEngine(Engine):
                  mesh: DeviceMesh, accum_steps: int, param_bytes: int) -> None:
         super().__init__(model, model, optimizer, dist_info)
         self.mesh, self.group = mesh, mesh.get_group()
-        self.comm = optimizer.comm if isinstance(optimizer, LotusAdamW) else None
+        self.comm = optimizer.comm if isinstance(optimizer, LotusAdamW) else None  # FSDPComm
         self.accum_steps, self.param_bytes = accum_steps, param_bytes
         self.steps = 0  # since this process started: the comm's counts are per session
 

@@ -334,7 +334,10 @@ class HubDocuments(DocumentSource):
         except Exception as err:
             raise FileNotFoundError(
                 f"data.path={self.name!r} is not a local folder, and streaming it from the "
-                f"Hugging Face hub (config {self.config!r}, split {self.split!r}) failed: {err}"
+                f"Hugging Face hub (config {self.config!r}, split {self.split!r}) failed: "
+                f"{err}. Without network access, set data.path to a local C4-layout folder, "
+                "or to a token store that lotus-train data prepare wrote where the hub is "
+                "reachable"
             ) from err
         # Only `text`: C4's timestamp column breaks torch formatting.
         return dataset.select_columns(["text"])

@@ -13,6 +13,8 @@
 #   MASTER_ADDR     address of node 0, reachable from every node (required if NNODES > 1)
 #   MASTER_PORT     TCP port on node 0 (default 29500)
 #   DRY_RUN=1       print the command instead of running it
+# NCCL_*, TORCH_NCCL_* and FI_* reach the ranks as set; the image's defaults (Dockerfile:
+# a flight-recorder trace in runs/nccl-trace when a collective times out) apply otherwise.
 # One rank on one machine runs lotus-train directly; anything more goes through torchrun.
 set -euo pipefail
 
@@ -49,6 +51,12 @@ for var in NNODES NPROC_PER_NODE NODE_RANK MASTER_PORT; do
         exit 2
     fi
 done
+
+# The flight recorder's folder, so that a dump on a timeout has somewhere to go.
+if [[ ${DRY_RUN:-0} != 1 && -n ${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-} ]]; then
+    mkdir -p "$(dirname "$TORCH_NCCL_DEBUG_INFO_TEMP_FILE")" ||
+        echo "entrypoint: no folder for TORCH_NCCL_DEBUG_INFO_TEMP_FILE; a timeout leaves no trace" >&2
+fi
 
 if [[ $1 != train ]] || ((NNODES == 1 && NPROC_PER_NODE == 1)); then
     run lotus-train "$@"

@@ -7,7 +7,9 @@
 # Data, run directories and caches live on the host (LOTUS_HOME, default ./lotus-home),
 # so checkpoints outlive the container and a second run resumes from them. Multi-node:
 # run this on every machine with NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT set
-# (docs/clusters.md).
+# (docs/clusters.md). Every NCCL_*, TORCH_NCCL_* and FI_* (libfabric, EFA) variable set
+# here reaches the ranks. IB_DEVICES: the host's InfiniBand/EFA device folder, mapped
+# when it exists (default /dev/infiniband; empty: map nothing).
 set -euo pipefail
 
 IMAGE=${IMAGE:-lotus-dist}
@@ -15,12 +17,24 @@ LOTUS_HOME=${LOTUS_HOME:-$PWD/lotus-home}
 mkdir -p "$LOTUS_HOME"/{data,runs,cache}
 
 env_args=()
-for var in NNODES NPROC_PER_NODE NODE_RANK MASTER_ADDR MASTER_PORT NCCL_DEBUG \
-    NCCL_SOCKET_IFNAME HF_TOKEN DRY_RUN; do
+for var in NNODES NPROC_PER_NODE NODE_RANK MASTER_ADDR MASTER_PORT HF_TOKEN DRY_RUN; do
     if [[ -n ${!var:-} ]]; then
         env_args+=(-e "$var")
     fi
 done
+while read -r var; do
+    if [[ $var =~ ^(NCCL|TORCH_NCCL|FI)_ ]]; then
+        env_args+=(-e "$var")
+    fi
+done < <(compgen -e)
+
+# InfiniBand, RoCE and EFA: the verbs devices, and IPC_LOCK (with the unlimited memlock
+# below) so that NCCL can pin its buffers; without them NCCL falls back to TCP sockets.
+net_args=(--network=host --cap-add=IPC_LOCK)
+IB_DEVICES=${IB_DEVICES-/dev/infiniband}
+if [[ -n $IB_DEVICES && -e $IB_DEVICES ]]; then
+    net_args+=(--device="$IB_DEVICES")
+fi
 
 # --ipc=host: NCCL and data-loader workers share memory through /dev/shm, which Docker
 # caps at 64 MB; where host IPC is not allowed, set SHM_SIZE (e.g. 16g) to size a private
@@ -38,7 +52,7 @@ fi
 exec docker run --rm --init \
     --gpus all "${ipc_args[@]}" \
     --ulimit memlock=-1 --ulimit stack=67108864 \
-    --network=host \
+    "${net_args[@]}" \
     --stop-timeout=300 \
     -v "$LOTUS_HOME/data:/opt/lotus/data" \
     -v "$LOTUS_HOME/runs:/opt/lotus/runs" \

@@ -95,7 +95,7 @@ OPTIONS: tuple[Option, ...] = (
            _ALL_BUT("ddp_lowrank"),
            "it needs the full residual on every rank, which low-rank DDP never forms: set "
            "parallel.lowrank_comm=false (or use parallel.engine=fsdp)", PROJECTED_OPTIMIZERS),
-    Option("parallel.mixed_precision=bf16", lambda c, ds: c.parallel.mixed_precision != "none",
+    Option("parallel.mixed_precision=bf16", lambda c, ds: c.parallel.mixed_precision == "bf16",
            ("fsdp",), "it is FSDP2's MixedPrecisionPolicy; elsewhere set training.dtype=bf16"),
     Option("parallel.activation_checkpointing=true",
            lambda c, ds: c.parallel.activation_checkpointing, _ALL_BUT(*_DEEPSPEED),
@@ -116,6 +116,10 @@ OPTIONS: tuple[Option, ...] = (
            lambda c, ds: _ds_zero(ds, "elastic_checkpoint"), (),
            "it re-partitions optimizer state by position, which breaks the per-matrix state: "
            "remove it", PROJECTED_OPTIMIZERS),
+    Option("zero_optimization.round_robin_gradients",
+           lambda c, ds: _ds_zero(ds, "round_robin_gradients"), (),
+           "it reorders the param groups that lotus-dist lays out rank by rank, so that each "
+           "partition is whole matrices: remove it", PROJECTED_OPTIMIZERS),
 )
 
 

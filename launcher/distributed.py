@@ -53,34 +53,37 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    global _made_a_group
+    global _made_a_group, _timeout
     launched = "TORCHELASTIC_RUN_ID" in os.environ
     if (world_size > 1 or launched) and not dist.is_initialized():
+        _timeout = timedelta(seconds=timeout_s)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None,
-                                timeout=timedelta(seconds=timeout_s))
+                                timeout=_timeout)
         _made_a_group = True
     return DistInfo(rank, world_size, local_rank, device)
 
 
 #: Set once ``init_distributed`` or ``join_one_process_group`` has created a process
-#: group in this process.
+#: group in this process, with this timeout (``new_cpu_group`` gives its group the same).
 _made_a_group = False
+_timeout: timedelta | None = None
 
 
 def join_one_process_group(device: torch.device, timeout_s: float = 1800.0) -> None:
     """A process group of this process alone, for engines that always need one (fsdp,
     deepspeed) when the run was started without a launcher."""
-    global _made_a_group
+    global _made_a_group, _timeout
     if dist.is_initialized():
         return
     for key in ("LOCAL_RANK", "RANK"):
         os.environ.setdefault(key, "0")
     os.environ.setdefault("WORLD_SIZE", "1")
+    _timeout = timedelta(seconds=timeout_s)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             store=dist.HashStore(), rank=0, world_size=1,
                             device_id=device if device.type == "cuda" else None,
-                            timeout=timedelta(seconds=timeout_s))
+                            timeout=_timeout)
     _made_a_group = True
 
 
@@ -186,8 +189,10 @@ def from_rank0(obj: Any) -> Any:
 
 
 def new_cpu_group() -> dist.ProcessGroup:
-    """A new gloo group over all ranks (collective: every rank calls it together)."""
-    return dist.new_group(backend="gloo")
+    """A new gloo group over all ranks (collective: every rank calls it together), with
+    the timeout this module gave the default group (``parallel.timeout_s``), not torch's
+    30-minute default."""
+    return dist.new_group(backend="gloo", timeout=_timeout)
 
 
 def teardown() -> None:

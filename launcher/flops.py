@@ -57,10 +57,10 @@ def throughput(tokens_per_s: float, world_size: int, flops_per_token: float,
     return out
 
 
-def cuda_memory_gb(device: torch.device) -> dict[str, float]:
+def cuda_memory_bytes(device: torch.device) -> dict[str, int]:
     """The CUDA caching allocator's peaks since start: tensors allocated, and memory
     reserved from the driver (what an out-of-memory error is about). Empty off CUDA."""
     if device.type != "cuda":
         return {}
-    return {"cuda_max_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
-            "cuda_max_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+    return {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+            "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device)}

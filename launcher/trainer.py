@@ -18,7 +18,7 @@ from launcher import checkpoint
 from launcher.config import PROJECTED_OPTIMIZERS, Config, config_to_dict, profile_window
 from launcher.distributed import DistInfo, agree_on_step, all_reduce_sum
 from launcher.engines.base import Engine, param_dtype
-from launcher.flops import cuda_memory_gb, device_peak_flops, throughput
+from launcher.flops import cuda_memory_bytes, device_peak_flops, throughput
 from launcher.health import DivergenceGuard
 from launcher.metrics import MetricsLogger, import_wandb, start_wandb, write_summary
 from launcher.profiling import StepProfiler
@@ -356,7 +356,7 @@ class Trainer:
         row: dict[str, Any] = {
             "loss": sum(losses) / len(losses), "lr": self.scheduler.get_last_lr()[-1],
             "tokens_per_s": tokens_per_s, "grad_norm": grad_norm,
-            "peak_memory_gb": peak_memory_bytes(self.device) / 2**30,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
             "skipped_steps": self.state.skipped_steps,
             "skipped_records": self.train_data.skipped_records,
         }
@@ -364,7 +364,7 @@ class Trainer:
             self.log(f"data: skipped {error['reason']} in {error['file']} at byte "
                      f"{error['offset']} (data.on_error=skip)")
         row.update(self._throughput(tokens_per_s))
-        row.update(cuda_memory_gb(self.device))
+        row.update(cuda_memory_bytes(self.device))
         row.update(refresh_stats(self.optimizer))
         return row
 

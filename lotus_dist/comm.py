@@ -14,6 +14,8 @@ and its distributed forms share one code path.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
@@ -22,7 +24,7 @@ from lotus_dist.precision import upcast
 from lotus_dist.projection import RsvdComm, project, project_back
 
 #: Kinds of bytes the comms count (``bytes``): what the optimizer's collectives carry.
-BYTES_KINDS = ("lowrank_gradients", "full_gradients", "sketches", "stats")
+BYTES_KINDS = ("lowrank_gradients", "full_gradients", "sketches", "stats", "bases")
 
 
 class LocalComm:
@@ -40,12 +42,22 @@ class LocalComm:
         return flag
 
     def norm_sq_reduce(self, sq: torch.Tensor) -> torch.Tensor:
-        """Sum a squared norm's partial sums into the global one (sharded tensors)."""
+        """Sum squared norms' partial sums (a scalar or a vector of them, one per
+        tensor) into the global ones (sharded tensors)."""
         return sq
 
     def stats_reduce(self, flat: torch.Tensor) -> torch.Tensor:
         """Reduce the partial sums behind the switch decisions (one call per step)."""
         return flat
+
+    def store_basis(self, p: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+        """What the optimizer keeps of ``p``'s new (whole) basis: the basis itself here;
+        under FSDP only this rank's rows, so that bases cost 1/W per rank too."""
+        return basis
+
+    def full_basis(self, p: torch.Tensor, stored: torch.Tensor, side: str) -> torch.Tensor:
+        """The whole basis from what ``store_basis`` kept (an all-gather where sharded)."""
+        return stored
 
     def rsvd_comm(self, p: torch.Tensor, side: str) -> RsvdComm:
         """Where the randomized SVD of ``p``'s gradient (projected on ``side``) reduces."""
@@ -70,11 +82,13 @@ class LocalComm:
 
 
 class DataParallelComm(LocalComm):
-    """The base of the multi-rank comms: a process group over which every rank holds
-    every basis whole, so ``check_consistency`` can compare them in one all-gather.
+    """The base of the multi-rank comms: a process group over which every rank computes
+    every basis whole (FSDP then keeps only its rows), so ``check_consistency`` can
+    compare them in one all-gather.
 
     On its own it serves plain DDP, where ranks hold identical averaged gradients and
-    compute the same bases without reducing anything.
+    compute the same bases; it averages their switch statistics and keeps rank 0's bases
+    so that replicas cannot drift apart.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, *,
@@ -83,6 +97,25 @@ class DataParallelComm(LocalComm):
         #: Where tensors this comm creates for a collective live (NCCL rejects CPU ones).
         self.device = group_device(group)
         self.check_consistency = check_consistency
+        self.world = dist.get_world_size(group)
+        #: Bytes put into collectives, by kind (``BYTES_KINDS``), since construction.
+        self.bytes: Counter[str] = Counter()
+
+    def stats_reduce(self, flat: torch.Tensor) -> torch.Tensor:
+        """Average the switch statistics. Replicas computed them from the same averaged
+        gradients, but kernels can differ in the last bits between GPU models (or be
+        nondeterministic); averaging makes every rank decide from the same numbers."""
+        self.bytes["stats"] += flat.numel() * flat.element_size()
+        dist.all_reduce(flat, group=self.group)
+        return flat.div_(self.world)
+
+    def store_basis(self, p: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+        """Every rank keeps rank 0's basis (d x r per refresh), for the same reason."""
+        self.bytes["bases"] += basis.numel() * basis.element_size()
+        basis = basis.contiguous()
+        dist.broadcast(basis, src=dist.get_global_rank(self.group, 0) if self.group else 0,
+                       group=self.group)
+        return basis
 
     def all_ranks(self, flag: bool) -> bool:
         """True on every rank iff ``flag`` is true on every rank (one MIN all-reduce)."""
@@ -130,7 +163,8 @@ def partial_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     contributes its local part; a pair replicated over a mesh dimension counts on that
     dimension's first rank only, so a replicated quantity is not summed once per rank.
     """
-    dot = (upcast(local_view(a)) * upcast(local_view(b))).sum()
+    # a dot product of flat views: no full-size product tensor (7B gradients are large)
+    dot = torch.dot(upcast(local_view(a)).reshape(-1), upcast(local_view(b)).reshape(-1))
     if isinstance(a, DTensor) and not _owns_replica(a):
         return torch.zeros_like(dot)
     return dot

@@ -24,7 +24,6 @@ Wiring (``launcher/engines/ddp_lowrank.py``)::
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -64,9 +63,6 @@ class LowRankDDPComm(DataParallelComm):
     def __init__(self, group: dist.ProcessGroup | None = None, *,
                  check_consistency: bool = False) -> None:
         super().__init__(group, check_consistency=check_consistency)
-        self.world = dist.get_world_size(group)
-        #: Bytes put into collectives, by kind (``BYTES_KINDS``), since construction.
-        self.bytes: Counter[str] = Counter()
         self._ready: dict[torch.Tensor, torch.Tensor] = {}
 
     # ----------------------------------------------------------------- reducer side

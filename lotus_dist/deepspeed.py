@@ -2,20 +2,25 @@
 
 DeepSpeed replaces the tensors in its client optimizer's param groups before the first
 step. At stage 0 with fp32 it keeps the model's parameters; at stage 0 with bf16 it puts
-fp32 master copies of the same shapes; at ZeRO-1/2 it flattens each param group into one
-buffer, cuts it into equal contiguous partitions, one per rank, and leaves each rank one
-flat 1-D fp32 partition per group. A low-rank projection needs matrices.
+fp32 master copies of the same shapes; at ZeRO-1/2 (and in its ``BF16_Optimizer``, which
+ZeRO-1 with bf16 and fp32 gradient accumulation selects) it flattens each param group into
+one buffer, rounds its length up to a multiple of 2 x world size, cuts it into world-size
+equal contiguous partitions and leaves each rank one flat 1-D fp32 partition per group. A
+low-rank projection needs matrices.
 
-Whole-matrix ownership (ZeRO-1/2). A group of ``world_size`` projected matrices with the
-same number of elements is cut exactly at the matrix boundaries, so every rank's partition
-of it is one whole matrix, whose full, already averaged gradient DeepSpeed reduce-scatters
-to that rank. The owner runs the single-process Lotus step on it; no rank needs another
-rank's part of a matrix, the rSVD, the exact SVD and every switch statistic are local, and
-the result is the single-process algorithm's on the same global batch. ``regroup_for_zero``
-builds such groups; ``bind`` checks with DeepSpeed's own partition bookkeeping that every
-projected partition is one whole matrix and fails at start-up when one is not. Parameters
-that are not projected (embeddings, norms, head) form groups whose partitions are arbitrary
-flat slices: their AdamW update is elementwise.
+Whole-matrix ownership (ZeRO-1/2). ``regroup_for_zero`` assigns every projected matrix to
+one rank, balanced by bytes, and lays each projected group out as world-size consecutive
+slots of equal length: slot k holds rank k's matrices and, where they fall short of the
+longest slot, a zero padding parameter. DeepSpeed's cuts then fall on slot boundaries, so
+every rank's partition is its own whole matrices, whose full, already averaged gradients
+DeepSpeed hands that rank. The owner runs the single-process Lotus step on them; no rank
+needs another rank's part of a matrix, the rSVD, the exact SVD and every switch statistic
+are local, and the result is the single-process algorithm's on the same global batch.
+``bind`` checks with DeepSpeed's own fragment bookkeeping (the ``_hp_mapping`` that links
+each parameter to its piece of a partition, which DeepSpeed's universal checkpoints read)
+that every projected matrix on a rank is whole, and fails at start-up when one is not.
+Parameters that are not projected (embeddings, norms, head) form groups whose partitions
+are arbitrary flat slices: their AdamW update is elementwise.
 
 ZeRO-3 partitions every parameter across all ranks, so a rank only ever holds a slice of
 each matrix; that is FSDP's territory (``parallel.engine=fsdp``) and is refused upstream.
@@ -29,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from lotus_dist.comm import group_device, sum_over_ranks
 from lotus_dist.optim import LotusAdamW
@@ -48,11 +54,11 @@ class ZeroLotusAdamW(LotusAdamW):
     """LotusAdamW whose Lotus step runs on whole matrices whatever DeepSpeed hands it.
 
     Build it like LotusAdamW (the parameter order fixes each matrix's index, which seeds its
-    refreshes, so build it from the same groups as a single-process run), call
-    ``regroup_for_zero(world_size)`` before ``deepspeed.initialize`` at ZeRO-1/2, then
-    ``bind(engine.optimizer)`` after it. From then on ``param_groups`` are DeepSpeed's
-    (the learning-rate schedule writes there) and each step runs the inherited Lotus step on
-    the matrix views of the groups DeepSpeed asks to step.
+    refreshes, so build it from the same groups as a single-process run); at ZeRO-1/2 call
+    ``regroup_for_zero(world_size)`` and run ``deepspeed.initialize`` inside
+    ``padding_registered(model)``; then ``bind(engine.optimizer)``. From then on
+    ``param_groups`` are DeepSpeed's (the learning-rate schedule writes there) and each step
+    runs the inherited Lotus step on the matrix views of the groups DeepSpeed asks to step.
 
     The finite check needs no collective: DeepSpeed only calls ``step`` after its own global
     overflow check, and at stage 0 every rank holds the same all-reduced gradients.
@@ -67,8 +73,12 @@ class ZeroLotusAdamW(LotusAdamW):
         self._projected_names = [name or f"param{self._index[p]}"
                                  for g, members in zip(self.param_groups, self._members)
                                  if "rank" in g for name, p in members]
+        #: Zero parameters that pad each rank's slot of a projected group (``regroup_for_zero``).
+        self._padding: list[nn.Parameter] = []
         self._ds_groups: list[dict[str, Any]] | None = None
-        self._views: list[list[torch.Tensor]] = []
+        #: Per group, what the Lotus step sees: (view, offset in DeepSpeed's flat partition),
+        #: offset None where the view is the tensor DeepSpeed holds (and whose .grad it sets).
+        self._views: list[list[tuple[torch.Tensor, int | None]]] = []
         self._view_names: list[list[str] | None] = []
         self._sharded = False
         self._table_device: torch.device | None = None  # where sync_telemetry reduces
@@ -90,25 +100,55 @@ class ZeroLotusAdamW(LotusAdamW):
     # ----------------------------------------------------------------- before DeepSpeed
 
     def regroup_for_zero(self, world_size: int) -> None:
-        """Split every projected group into groups of ``world_size`` matrices of equal size.
+        """Lay out each projected group as ``world_size`` slots of equal length, slot k
+        holding the whole matrices rank k will own and zero padding up to the common length.
 
-        Non-projected groups stay as they are. Raises PartitionLayoutError, naming the
-        matrices, when a size class of projected matrices does not split evenly.
+        The matrices are assigned to ranks balanced by bytes (``balanced_owners``) and keep
+        their single-process order within a slot. The length is the fullest slot's, rounded
+        up to even: ZeRO-1/2 round a group up to a multiple of 2 x world size before cutting
+        it, which then adds nothing and cuts exactly between slots. Non-projected groups stay
+        as they are.
         """
-        groups: list[dict[str, Any]] = []
-        members: list[list[tuple[str | None, torch.Tensor]]] = []
-        for group, named in zip(self.param_groups, self._members):
+        self._padding = []
+        for i, group in enumerate(self.param_groups):
             if "rank" not in group:
-                groups.append(group)
-                members.append(named)
                 continue
-            hyper = {k: v for k, v in group.items() if k not in _MEMBER_KEYS}
-            for chunk in _ownership_chunks(named, world_size):
-                groups.append({**hyper, "params": [p for _, p in chunk],
-                               "param_names": [n for n, _ in chunk]})
-                members.append(chunk)
-        self.param_groups = groups
-        self._members = members
+            matrices = [p for _, p in self._members[i]]
+            owners = balanced_owners([p.numel() for p in matrices], world_size)
+            loads = [sum(matrices[j].numel() for j in owned) for owned in owners]
+            slot = max(loads) + max(loads) % 2
+            laid_out = []
+            for owned, load in zip(owners, loads):
+                laid_out += [matrices[j] for j in owned]
+                if load < slot:
+                    self._padding.append(nn.Parameter(matrices[0].new_zeros(slot - load)))
+                    laid_out.append(self._padding[-1])
+            group["params"] = laid_out
+            group.pop("param_names", None)  # the members keep the names; padding has none
+
+    @property
+    def padding_numel(self) -> int:
+        """Elements of zero padding ``regroup_for_zero`` added (DeepSpeed reduces and
+        gathers them with the rest)."""
+        return sum(p.numel() for p in self._padding)
+
+    @contextlib.contextmanager
+    def padding_registered(self, module: nn.Module) -> Iterator[None]:
+        """Build DeepSpeed inside this: the padding is a parameter of ``module`` meanwhile.
+
+        DeepSpeed names every tensor it flattens after ``module.named_parameters()`` (it
+        records the names in its checkpoints), so the padding must be there while it is
+        built; it leaves afterwards, so the model's forward, state dict and export never
+        see it. DeepSpeed keeps the names (as ``lotus_zero_padding.<k>``).
+        """
+        if not self._padding:
+            yield
+            return
+        module.add_module("lotus_zero_padding", nn.ParameterList(self._padding))
+        try:
+            yield
+        finally:
+            del module.lotus_zero_padding
 
     # ----------------------------------------------------------------- after DeepSpeed
 
@@ -117,9 +157,11 @@ class ZeroLotusAdamW(LotusAdamW):
 
         ``ds_optimizer`` is ``engine.optimizer`` after ``deepspeed.initialize``: this
         optimizer itself (stage 0, fp32), DeepSpeed's per-parameter fp32-master wrapper
-        (stage 0, bf16) or its ZeRO-1/2 optimizer. Anything else, or a projected
-        partition that is not one whole matrix, raises PartitionLayoutError.
+        (stage 0, bf16), its ZeRO-1/2 optimizer, or its BF16_Optimizer (ZeRO-1 with bf16
+        and ``data_types.grad_accum_dtype=fp32``). Anything else, or a projected matrix
+        that a partition cuts, raises PartitionLayoutError.
         """
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
         from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
@@ -127,52 +169,62 @@ class ZeroLotusAdamW(LotusAdamW):
         if len(self._ds_groups) != len(self._members):
             raise PartitionLayoutError("DeepSpeed changed the number of param groups of "
                                        "LotusAdamW; lotus-dist cannot map them back")
-        if isinstance(ds_optimizer, DeepSpeedZeroOptimizer):
-            if ds_optimizer.cpu_offload:
+        if isinstance(ds_optimizer, (DeepSpeedZeroOptimizer, BF16_Optimizer)):
+            if getattr(ds_optimizer, "cpu_offload", False):
                 raise PartitionLayoutError("LotusAdamW does not run with ZeRO optimizer "
                                            "offload; remove zero_optimization.offload_optimizer")
             self._sharded = dist.is_initialized() and dist.get_world_size() > 1
             self._table_device = group_device() if self._sharded else None
-            mapped = [self._partition_views(ds_optimizer, i) for i in range(len(self._members))]
+            mapped = [self._partition_views(i) for i in range(len(self._members))]
         elif ds_optimizer is self or isinstance(ds_optimizer, FP16_UnfusedOptimizer):
             mapped = [self._same_shape_views(i) for i in range(len(self._members))]
         else:
             raise PartitionLayoutError(
                 f"DeepSpeed wrapped LotusAdamW in {type(ds_optimizer).__name__}, whose layout "
-                "lotus-dist cannot map back to matrices (ZeRO-1/2 and stage 0 are supported; "
-                "remove data_types.grad_accum_dtype from the DeepSpeed config)")
+                "lotus-dist cannot map back to matrices (stage 0, ZeRO-1/2 and DeepSpeed's "
+                "BF16_Optimizer are supported)")
         self._views = [views for views, _ in mapped]
         self._view_names = [names for _, names in mapped]
         for i, views in enumerate(self._views):
-            for view, (_, original) in zip(views, self._members[i]):
+            for (view, _), (_, original) in zip(views, self._members[i]):
                 self.alias(view, original, self._ds_groups[i])
 
-    def _same_shape_views(self, i: int) -> tuple[list[torch.Tensor], list[str] | None]:
+    def _same_shape_views(self, i: int) -> tuple[list[tuple[torch.Tensor, None]], list[str] | None]:
         """Stage 0: the group holds the parameters or same-shaped fp32 masters, in order."""
         held = self._ds_groups[i]["params"]
         members = self._members[i]
         if [t.shape for t in held] != [p.shape for _, p in members]:
             raise PartitionLayoutError(f"DeepSpeed changed the shapes in param group {i}")
-        return list(held), self._ds_groups[i].get("param_names")
+        return [(t, None) for t in held], self._ds_groups[i].get("param_names")
 
-    def _partition_views(self, zero: Any, i: int) -> tuple[list[torch.Tensor], list[str] | None]:
-        """ZeRO-1/2: one flat fp32 partition; a projected group's must be one whole matrix."""
+    def _partition_views(self, i: int) -> tuple[list[tuple[torch.Tensor, int | None]],
+                                                list[str] | None]:
+        """ZeRO-1/2, BF16_Optimizer: views of this rank's whole matrices in its flat fp32
+        partition, where DeepSpeed's fragment links (``_hp_mapping``) place them."""
         (flat,) = self._ds_groups[i]["params"]
         if "rank" not in self._ds_groups[i]:
-            return [flat], None  # AdamW is elementwise: any slice of the flat buffer will do
-        inside = zero.params_in_partition[i]
-        names = {id(p): n for n, p in self._members[i]}
-        if (len(inside) != 1 or zero.first_offset[i] != 0
-                or inside[0].numel() != zero.partition_size[i]):
-            raise PartitionLayoutError(
-                f"the ZeRO partition of projected group {i} on this rank is not one whole "
-                f"matrix (it spans {[names.get(id(p)) for p in inside]} from offset "
-                f"{zero.first_offset[i]}, {zero.partition_size[i]} elements): DeepSpeed padded "
-                "or reordered the group. Use parallel.engine=fsdp, or a world size that "
-                "divides the number of projected matrices of each size")
-        owned = inside[0]
-        self._members[i] = [(names[id(owned)], owned)]
-        return [flat.detach().view(owned.shape)], [names[id(owned)]]
+            return [(flat, None)], None  # AdamW is elementwise: any flat slice will do
+        owned, views = [], []
+        for name, p in self._members[i]:
+            if not hasattr(p, "_hp_mapping"):
+                raise PartitionLayoutError("DeepSpeed did not link its partitions to the "
+                                           "parameters (_hp_mapping); this DeepSpeed version "
+                                           "is not supported with LotusAdamW at ZeRO-1/2")
+            if p._hp_mapping is None:
+                continue  # another rank's matrix
+            piece = p._hp_mapping.lp_fragment_address
+            start = p._hp_mapping.get_hp_fragment_address().start
+            if piece.start != 0 or piece.numel != p.numel() or start + p.numel() > flat.numel():
+                raise PartitionLayoutError(
+                    f"the ZeRO partition of projected group {i} on this rank holds elements "
+                    f"{piece.start}..{piece.start + piece.numel} of the {p.numel()} of "
+                    f"{name}: DeepSpeed cut a matrix (zero_optimization.parameter_alignment "
+                    "pads some matrices and shifts the layout: remove it, or use "
+                    "parallel.engine=fsdp)")
+            owned.append((name, p))
+            views.append((flat.detach().narrow(0, start, p.numel()).view(p.shape), start))
+        self._members[i] = owned
+        return views, [name or f"param{self._index[p]}" for name, p in owned]
 
     # ----------------------------------------------------------------- stepping
 
@@ -211,13 +263,15 @@ class ZeroLotusAdamW(LotusAdamW):
         for i in positions:
             ds_group = self._ds_groups[i]
             group = {k: v for k, v in ds_group.items() if k not in _MEMBER_KEYS}
-            group["params"] = self._views[i]
+            group["params"] = [view for view, _ in self._views[i]]
             if self._view_names[i] is not None:
                 group["param_names"] = self._view_names[i]
             groups.append(group)
-            for view, held in zip(self._views[i], ds_group["params"]):
-                if view is not held:
-                    view.grad = None if held.grad is None else held.grad.view(view.shape)
+            for view, start in self._views[i]:
+                if start is not None:
+                    grad = ds_group["params"][0].grad
+                    view.grad = (None if grad is None else
+                                 grad.narrow(0, start, view.numel()).view(view.shape))
                     reshaped.append(view)
         self.param_groups = groups
         try:
@@ -286,20 +340,66 @@ def _named_members(group: dict[str, Any]) -> list[tuple[str | None, torch.Tensor
     return list(zip(names, group["params"]))
 
 
-def _ownership_chunks(named: list[tuple[str | None, torch.Tensor]],
-                      world_size: int) -> list[list[tuple[str | None, torch.Tensor]]]:
-    """Runs of ``world_size`` equal-sized matrices, in parameter order within each size."""
-    by_size: dict[int, list[tuple[str | None, torch.Tensor]]] = {}
-    for name, p in named:
-        by_size.setdefault(p.numel(), []).append((name, p))
-    uneven = {size: ms for size, ms in by_size.items() if len(ms) % world_size}
-    if uneven:
-        detail = "; ".join(f"{len(ms)} matrices of {size} elements ({ms[0][0] or 'unnamed'}, "
-                           "...)" for size, ms in uneven.items())
-        raise PartitionLayoutError(
-            f"ZeRO-1/2 gives each of the {world_size} ranks one whole projected matrix per "
-            f"group of {world_size} equal-sized matrices, but these counts are not multiples "
-            f"of {world_size}: {detail}. Use parallel.engine=fsdp (or ddp), or a world size "
-            "that divides these counts")
-    return [ms[k:k + world_size] for ms in by_size.values()
-            for k in range(0, len(ms), world_size)]
+def balanced_owners(sizes: list[int], world_size: int) -> list[list[int]]:
+    """Indices of the matrices (of ``sizes`` elements) each rank owns, ascending, balanced
+    by bytes: the fullest rank sets the length of every slot, so each element it sheds
+    is one element less padding on every other rank.
+
+    Largest first onto the least loaded rank, then, while the fullest rank can trade with
+    another (x of its matrices of one size for y of the other's of another size) and both
+    end below its load, the trade that balances the pair best. A pure function of its
+    arguments, so every rank (and a resumed run) computes the same owners. When every size
+    occurs a multiple of ``world_size`` times, each rank gets an equal share of each size.
+    """
+    owners: list[list[int]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for j in sorted(range(len(sizes)), key=lambda j: (-sizes[j], j)):
+        k = min(range(world_size), key=lambda k: (loads[k], k))
+        owners[k].append(j)
+        loads[k] += sizes[j]
+    while True:
+        full = max(range(world_size), key=lambda k: (loads[k], -k))
+        trade = _best_trade(sizes, owners[full], loads[full], owners, loads)
+        if trade is None:
+            return [sorted(owned) for owned in owners]
+        other, give, take = trade
+        for j in give:
+            owners[full].remove(j)
+            owners[other].append(j)
+        for j in take:
+            owners[other].remove(j)
+            owners[full].append(j)
+        moved = sum(sizes[j] for j in give) - sum(sizes[j] for j in take)
+        loads[full] -= moved
+        loads[other] += moved
+
+
+def _best_trade(sizes: list[int], mine: list[int], load: int, owners: list[list[int]],
+                loads: list[int]) -> tuple[int, list[int], list[int]] | None:
+    """(other rank, matrices to give it, matrices to take from it) that leaves the pair's
+    fuller side as empty as possible, and below ``load``; None when no trade does."""
+    best, best_peak = None, load
+    mine_by_size = _by_size(sizes, mine)
+    for other, theirs in enumerate(owners):
+        gap = load - loads[other]
+        if gap <= 0:
+            continue
+        theirs_by_size = _by_size(sizes, theirs)
+        for s, give in mine_by_size.items():
+            others = [(t, js) for t, js in theirs_by_size.items() if t != s]
+            for t, take in [(1, []), *others]:  # (1, []): give, take nothing
+                for x in range(1, len(give) + 1):
+                    even = (x * s - gap // 2) // t  # taking this many (or one more) evens the pair
+                    for y in {0, min(max(even, 0), len(take)), min(max(even + 1, 0), len(take))}:
+                        moved = x * s - y * t
+                        peak = max(load - moved, loads[other] + moved)
+                        if 0 < moved < gap and peak < best_peak:
+                            best, best_peak = (other, give[:x], take[:y]), peak
+    return best
+
+
+def _by_size(sizes: list[int], owned: list[int]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for j in owned:
+        out.setdefault(sizes[j], []).append(j)
+    return out

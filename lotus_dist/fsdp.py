@@ -12,15 +12,18 @@ columns). FSDP2 shards it along the dimension it keeps where it can, and then:
 
 FSDP2 (torch 2.13) shards unevenly only on dim 0, so a left-projected matrix whose n the
 world size does not divide is sharded on dim 0, the dimension it compresses. Each rank
-then holds G_k (rows of G) and the matching rows P_k of the replicated basis, and
+then holds G_k (rows of G) and the matching rows P_k of the basis (the rows it stores), and
 R = sum_k P_k^T G_k is all-reduced (r x n, still low-rank); R and the moments are
 replicated, and the update P_k N is again this rank's rows. Its refresh is an rSVD of a
 row-sharded A: sketches are all-gathered by rows and co-sketches summed.
 
 Optimizer state that lives in R's space (moments, the displacement's R_0) is a DTensor
 laid out like R (``Shard`` or ``Replicate`` on the FSDP mesh), so DCP saves it sharded
-and reshards it on load at any world size. Bases are plain tensors, identical on every
-rank: each rank needs the whole basis of the dimension it does not shard.
+and reshards it on load at any world size. Bases are sharded by rows too
+(``FSDPComm.store_basis``, ``Shard(0)``), so they cost 1/W per rank like everything else:
+a matrix sharded along its kept dimension all-gathers its whole basis when it projects
+and again when it updates, one matrix at a time (counted as ``bases``: d x r per use,
+about the size of R), and a dim-0 fallback matrix only ever needs the rows it holds.
 
 Every rank takes the same switch decisions: the policies' statistics are partial sums
 over local shards (``partial_dot`` counts a replicated R once, not once per rank), and
@@ -30,7 +33,6 @@ the optimizer sums all matrices' statistics in one all-reduce per step.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -135,8 +137,6 @@ class FSDPComm(DataParallelComm):
             raise ValueError(f"FSDPComm needs a 1-D data-parallel mesh, got {mesh.ndim}-D")
         super().__init__(mesh.get_group(), check_consistency=check_consistency)
         self.mesh = mesh
-        self.world = mesh.size()
-        self.bytes: Counter[str] = Counter()
         self._layouts: dict[torch.Tensor, ShardLayout] = {}
 
     def layout(self, p: torch.Tensor, side: str) -> ShardLayout:
@@ -171,7 +171,7 @@ class FSDPComm(DataParallelComm):
         return self.all_ranks(flag)  # each rank judged only its own shard
 
     def norm_sq_reduce(self, sq: torch.Tensor) -> torch.Tensor:
-        return self._sum(upcast(sq).reshape(1), "stats").reshape(())
+        return self._sum(upcast(sq).reshape(-1), "stats").reshape(sq.shape)
 
     def stats_reduce(self, flat: torch.Tensor) -> torch.Tensor:
         """One all-reduce per step of every matrix's partial sums: all ranks then hold
@@ -198,19 +198,43 @@ class FSDPComm(DataParallelComm):
         self.bytes["full_gradients"] += p.numel() * 4
         return p.grad.full_tensor()
 
+    def store_basis(self, p: torch.Tensor, basis: torch.Tensor, side: str) -> DTensor:
+        """This rank's rows of the (d x r) basis (torch.chunk layout, as FSDP shards), so
+        per-rank basis memory falls as 1/W. A matrix sharded along the dimension its
+        projection keeps gathers the whole basis when it projects or updates (one at a
+        time, freed after use, counted as ``bases``); a dim-0 fallback matrix only ever
+        needs its own rows, which are exactly this shard."""
+        d, r = basis.shape
+        chunk = math.ceil(d / self.world)
+        start = min(self.mesh.get_local_rank() * chunk, d)
+        local = basis[start:min(start + chunk, d)].contiguous()
+        return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False,
+                                  shape=torch.Size((d, r)), stride=(r, 1))
+
+    def full_basis(self, p: torch.Tensor, stored: torch.Tensor, side: str) -> torch.Tensor:
+        if not isinstance(stored, DTensor):  # a replicated basis (path efficiency's sketch)
+            return stored
+        self.bytes["bases"] += stored.numel() * stored.element_size()
+        return stored.full_tensor()
+
+    def _own_rows(self, p: torch.Tensor, stored: torch.Tensor, lay: ShardLayout) -> torch.Tensor:
+        """The rows of the basis this rank's dim-0 shard of ``p`` meets."""
+        return stored.to_local() if isinstance(stored, DTensor) else stored[lay.own]
+
     def lowrank_grad(self, p: torch.Tensor, basis: torch.Tensor, side: str) -> DTensor:
         lay = self.layout(p, side)
         grad = p.grad.to_local()
         if lay.kept:
-            r = project(grad, basis, side)
+            r = project(grad, self.full_basis(p, basis, side), side)
             rank = basis.shape[1]
             shape = (rank, p.shape[1]) if side == "left" else (p.shape[0], rank)
             return DTensor.from_local(r, self.mesh, [Shard(lay.dim)], run_check=False,
                                       shape=torch.Size(shape), stride=(shape[1], 1))
-        r = self._sum(project(grad, basis[lay.own], side), "lowrank_gradients")
+        r = self._sum(project(grad, self._own_rows(p, basis, lay), side), "lowrank_gradients")
         return DTensor.from_local(r, self.mesh, [Replicate()], run_check=False)
 
     def project_back(self, p: torch.Tensor, low_rank: torch.Tensor, basis: torch.Tensor,
                      side: str) -> torch.Tensor:
         lay = self.layout(p, side)
-        return project_back(local_view(low_rank), basis if lay.kept else basis[lay.own], side)
+        rows = self.full_basis(p, basis, side) if lay.kept else self._own_rows(p, basis, lay)
+        return project_back(local_view(low_rank), rows, side)

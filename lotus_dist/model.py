@@ -229,10 +229,11 @@ class Llama(nn.Module):
     def init_weights(self, seed: int = 0) -> None:
         """Fill every parameter and buffer: N(0, 0.02) for linear/embedding, ones for norms.
 
-        Each weight is drawn in full from a generator seeded by (seed, canonical name) on its
-        device, then this rank keeps its shard. The values depend only on the seed and the
-        device type (CPU and CUDA generators differ), never on the world size, the global RNG
-        or the other tensors (adding a layer leaves the rest unchanged).
+        Each weight is drawn in full on the CPU from a generator seeded by (seed, canonical
+        name), then this rank copies its shard to its device. The values depend only on the
+        seed, never on the device (CUDA's ``randn`` depends on the GPU model's SM count, so
+        replicas on mixed GPUs would start apart), the world size, the global RNG or the
+        other tensors (adding a layer leaves the rest unchanged).
         """
         if self.rope_cos.device.type == "meta":
             raise RuntimeError("init_weights needs allocated tensors: call model.to_empty() first")
@@ -242,7 +243,7 @@ class Llama(nn.Module):
             elif isinstance(module, (nn.Linear, nn.Embedding)):
                 full = _empty_full(module.weight)
                 weight_seed = _tensor_seed(seed, f"{canonical_name(name)}.weight")
-                generator = torch.Generator(full.device).manual_seed(weight_seed)
+                generator = torch.Generator().manual_seed(weight_seed)
                 _copy_full_(module.weight, full.normal_(0.0, INIT_STD, generator=generator))
         self.init_buffers()
 
@@ -277,12 +278,11 @@ def _tensor_seed(seed: int, name: str) -> int:
 
 
 def _empty_full(param: Tensor) -> Tensor:
-    """An fp32 tensor of param's full (unsharded) shape, on the device of this rank's data.
+    """An fp32 CPU tensor of param's full (unsharded) shape, to draw or fill it in.
 
     Drawing in fp32 whatever the parameter dtype keeps bf16 and fp32 models' values alike.
     """
-    device = param.to_local().device if isinstance(param, DTensor) else param.device
-    return torch.empty(param.shape, device=device, dtype=torch.float32)
+    return torch.empty(param.shape, dtype=torch.float32)
 
 
 def _copy_full_(param: Tensor, full: Tensor) -> None:
@@ -292,7 +292,9 @@ def _copy_full_(param: Tensor, full: Tensor) -> None:
     (``src_data_rank=None``).
     """
     if isinstance(param, DTensor):
-        full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        local = param.to_local()
+        full = distribute_tensor(full.to(local.device), param.device_mesh, param.placements,
+                                 src_data_rank=None)
     param.copy_(full)
 
 

@@ -104,6 +104,7 @@ class LotusAdamW(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._comm = comm if comm is not None else LocalComm()
         self._lowrank: dict[torch.Tensor, torch.Tensor] = {}  # R per matrix, from prepare()
+        self._fresh: dict[torch.Tensor, torch.Tensor] = {}  # bases refreshed, for the check
         self._prepared = False
         #: In per-layer mode, False on micro-batches that only accumulate gradients.
         self.accumulation_boundary = True
@@ -142,6 +143,10 @@ class LotusAdamW(torch.optim.Optimizer):
         self._index[view] = self._index[original]
         self._group_of[view] = group
 
+    def _full_basis(self, p: torch.Tensor) -> torch.Tensor:
+        side = projection_side(p.shape, self._group_of[p]["proj_type"])
+        return self.comm.full_basis(p, self.state[p]["basis"], side)
+
     def projected_params(self) -> list[torch.Tensor]:
         """The parameters of projected groups (those with ``rank``), in group order."""
         return [p for g in self.param_groups if "rank" in g for p in g["params"]]
@@ -153,7 +158,8 @@ class LotusAdamW(torch.optim.Optimizer):
         state = self.state.get(p, {})
         if "basis" not in state or state["refresh_pending"]:
             return None
-        return state["basis"], projection_side(p.shape, self._group_of[p]["proj_type"])
+        side = projection_side(p.shape, self._group_of[p]["proj_type"])
+        return self.comm.full_basis(p, state["basis"], side), side
 
     # ----------------------------------------------------------------- stepping
 
@@ -195,7 +201,11 @@ class LotusAdamW(torch.optim.Optimizer):
             if "rank" in group:
                 self._lowrank[p] = self._refresh_and_project(group, p)
         if self.comm.check_consistency:
-            self.comm.check_bases([(name, self.state[p]["basis"], self.state[p]["refresh_count"])
+            # a basis refreshed this step as each rank computed it: a sharded store
+            # would assemble rows from different ranks into one agreeing basis
+            fresh, self._fresh = self._fresh, {}
+            self.comm.check_bases([(name, fresh[p] if p in fresh else self._full_basis(p),
+                                    self.state[p]["refresh_count"])
                                    for name, p in self._projected_with_basis()])
         self._prepared = True
         return True
@@ -257,7 +267,7 @@ class LotusAdamW(torch.optim.Optimizer):
             SWITCH_POLICIES[group["switch"]].decide(group, self.state[p], r, grad, s)
             _init_moments(self.state[p], r)
         directions = self._adam_directions([(g, self.state[p], r) for g, p, r in lowrank])
-        updates = [self._lowrank_update(g, p, r, n) for (g, p, r), n in zip(lowrank, directions)]
+        updates = self._lowrank_updates(lowrank, directions)
         self._apply_updates([(g, p, u) for (g, p, _), u in zip(lowrank, updates)])
 
     def _consumed_grad(self, group: dict, p: torch.Tensor) -> ConsumedGrad:
@@ -267,13 +277,23 @@ class LotusAdamW(torch.optim.Optimizer):
         side = projection_side(p.shape, group["proj_type"])
         return ConsumedGrad(p.grad, lambda basis: self.comm.lowrank_grad(p, basis, side))
 
-    def _reduce_stats(self, stats: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    def _reduce_stats(self, stats: list[torch.Tensor | None]) -> list[list[float] | None]:
+        """Sum every matrix's partial sums in one reduce and copy them to the host once:
+        one sync per step for all switch decisions, not one per matrix."""
         present = [s for s in stats if s is not None]
         if not present:
-            return stats
+            return [None] * len(stats)
         flat = self.comm.stats_reduce(torch.cat([upcast(s) for s in present]))
-        parts = iter(flat.split([s.numel() for s in present]))
-        return [None if s is None else next(parts) for s in stats]
+        values = flat.double().tolist()
+        out: list[list[float] | None] = []
+        start = 0
+        for s in stats:
+            if s is None:
+                out.append(None)
+            else:
+                out.append(values[start:start + s.numel()])
+                start += s.numel()
+        return out
 
     # ----------------------------------------------------------------- the Lotus step
 
@@ -290,8 +310,9 @@ class LotusAdamW(torch.optim.Optimizer):
     def _refresh(self, group: dict, p: torch.Tensor, state: dict, side: str) -> None:
         grad, rank = local_view(p.grad), group["rank"]  # a sharded gradient's local part
         count = state.get("refresh_count", 0)
-        gen = refresh_generator(self.seed, self._index[p], count, grad.device)
+        gen = refresh_generator(self.seed, self._index[p], count)
         kind = group["projection"]
+        old = self.comm.full_basis(p, state["basis"], side) if "basis" in state else None
         if kind == "svd" or (kind == "grassmann" and count == 0):
             basis = svd_basis(self.comm.full_grad(p), rank, side)
         elif kind == "rsvd":
@@ -302,11 +323,11 @@ class LotusAdamW(torch.optim.Optimizer):
             basis = random_basis(projected_dim(p.shape, side), rank, gen, grad.device,
                                  compute_dtype(grad))
         else:
-            basis = grassmann_step(state["basis"], group["walk_step"], gen)
-        if "basis" in state:
+            basis = grassmann_step(old, group["walk_step"], gen)
+        if old is not None:
             if kind != "svd":  # exact SVD keeps GaLore's own signs
-                basis = align_signs(basis, state["basis"])
-            self._carry_moments(group, state, state["basis"], basis, side)
+                basis = align_signs(basis, old)
+            self._carry_moments(group, state, old, basis, side)
             _record_interval(state, state["steps_since_refresh"])
         else:
             state.update(refresh_intervals=0, interval_sum=0, interval_min=0, interval_max=0)
@@ -317,8 +338,10 @@ class LotusAdamW(torch.optim.Optimizer):
         state.setdefault("energy", math.nan)
         state.setdefault("switch_metric", math.nan)
         SWITCH_POLICIES[group["switch"]].on_refresh(
-            group, state, refresh_generator(self.seed, self._index[p], count, grad.device,
-                                            stream=1))
+            group, state, refresh_generator(self.seed, self._index[p], count, stream=1))
+        if self.comm.check_consistency:
+            self._fresh[p] = basis.clone()  # as computed: store_basis may overwrite it
+        state["basis"] = self.comm.store_basis(p, basis, side)  # whole until here
 
     def _carry_moments(self, group: dict, state: dict, old: torch.Tensor, new: torch.Tensor,
                        side: str) -> None:
@@ -337,19 +360,28 @@ class LotusAdamW(torch.optim.Optimizer):
         m.copy_(m_new)
         v.copy_(v_new)
 
-    def _lowrank_update(self, group: dict, p: torch.Tensor, r: torch.Tensor,
-                        norm_r: torch.Tensor) -> torch.Tensor:
-        """The full-size update of ``p`` (its local part) from Adam's low-rank direction."""
-        state = self.state[p]
-        side = projection_side(p.shape, group["proj_type"])
-        update = self.comm.project_back(p, norm_r, state["basis"], side).mul_(group["scale"])
-        if group["recovery_scaling"]:
-            # Fira adds the residual term without GaLore's scale (docs/algorithm.md)
-            residual = upcast(local_view(p.grad)) - self.comm.project_back(p, r, state["basis"],
-                                                                            side)
-            update += _recovery_term(group, state, residual, local_view(r), local_view(norm_r),
-                                     side, self.comm)
-        return update
+    def _lowrank_updates(self, lowrank: list[tuple[dict, torch.Tensor, torch.Tensor]],
+                         directions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The full-size update of each ``p`` (its local part) from Adam's low-rank
+        direction N, plus the recovery term where the group asks for it; the recovery
+        terms' norms share one reduce and one host copy."""
+        updates, recovery = [], []
+        for (group, p, r), norm_r in zip(lowrank, directions):
+            state = self.state[p]
+            side = projection_side(p.shape, group["proj_type"])
+            basis = state["basis"]
+            updates.append(self.comm.project_back(p, norm_r, basis, side).mul_(group["scale"]))
+            if group["recovery_scaling"]:
+                # Fira adds the residual term without GaLore's scale (docs/algorithm.md)
+                residual = upcast(local_view(p.grad)) - self.comm.project_back(p, r, basis, side)
+                term = _recovery_term(residual, local_view(r), local_view(norm_r), side)
+                recovery.append((len(updates) - 1, group, state, term))
+        if recovery:
+            sq = torch.stack([partial_dot(term, term) for *_, term in recovery])
+            norms = self.comm.norm_sq_reduce(sq).sqrt().tolist()
+            for (i, group, state, term), norm in zip(recovery, norms):
+                updates[i] += _limit_recovery(group, state, term, norm)
+        return updates
 
     def _adam_directions(self, items: list[tuple[dict, dict, torch.Tensor]]
                          ) -> list[torch.Tensor]:
@@ -616,20 +648,23 @@ def _apply_update(group: dict, p: torch.Tensor, state: dict, direction: torch.Te
         p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
 
-def _recovery_term(group: dict, state: dict, residual: torch.Tensor, r: torch.Tensor,
-                   norm_r: torch.Tensor, side: str, comm: LocalComm) -> torch.Tensor:
-    """Residual G - B R scaled per column by the optimizer's gain (GrassWalk / Fira).
+def _recovery_term(residual: torch.Tensor, r: torch.Tensor, norm_r: torch.Tensor,
+                   side: str) -> torch.Tensor:
+    """Residual G - B R scaled per column by the optimizer's gain (GrassWalk / Fira),
+    in place.
 
     phi_j = ||N_j|| / ||R_j|| over the columns the projection keeps (left: columns of R;
-    right: rows), so the discarded signal moves like Adam moved the kept one. A limiter
-    caps the norm of the term at ``recovery_limiter`` times its last value. Under
+    right: rows), so the discarded signal moves like Adam moved the kept one. Under
     sharding ``residual`` is this rank's part of G - B R and ``r``, ``norm_r`` the local
-    parts of R and N: every kept column is whole on one rank, and the norm is reduced.
+    parts of R and N: every kept column is whole on one rank.
     """
     dim = 0 if side == "left" else 1
     phi = norm_r.norm(dim=dim, keepdim=True) / r.norm(dim=dim, keepdim=True).clamp_min(1e-12)
-    term = residual * phi
-    norm = float(comm.norm_sq_reduce(partial_dot(term, term)).sqrt())
+    return residual.mul_(phi)
+
+
+def _limit_recovery(group: dict, state: dict, term: torch.Tensor, norm: float) -> torch.Tensor:
+    """Cap the term's (global) norm at ``recovery_limiter`` times its last value."""
     last = state.get("recovery_norm")
     limit = group["recovery_limiter"]
     if last is not None and last > 0 and norm > limit * last:

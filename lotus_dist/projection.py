@@ -60,22 +60,33 @@ def project_back(low_rank: torch.Tensor, basis: torch.Tensor, side: str) -> torc
 
 
 def refresh_generator(seed: int, param_index: int, refresh_count: int,
-                      device: torch.device | str = "cpu", stream: int = 0) -> torch.Generator:
-    """A generator that is a pure function of (seed, parameter index, refresh count).
+                      stream: int = 0) -> torch.Generator:
+    """A CPU generator that is a pure function of (seed, parameter index, refresh count).
 
     Every rank draws the same test matrix without communicating, and a resumed run draws
-    the same numbers as one that never stopped. The three integers are mixed with
-    splitmix64 so that neighbouring indices give unrelated streams. ``stream`` selects an
-    independent stream for a second use at the same refresh (0 is the basis's own).
+    the same numbers as one that never stopped, on any device: draws happen on the CPU
+    (``draw``) because CUDA's ``randn`` of a large tensor depends on the GPU model's SM
+    count, so replicas on mixed GPUs, or a resume on another GPU model, would differ. The
+    three integers are mixed with splitmix64 so that neighbouring indices give unrelated
+    streams. ``stream`` selects an independent stream for a second use at the same refresh
+    (0 is the basis's own).
     """
     x = (seed * 0x9E3779B97F4A7C15 + param_index * 0xBF58476D1CE4E5B9 + refresh_count
          + stream * 0xD1B54A32D192ED03) & (2**64 - 1)
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
     x ^= x >> 31
-    gen = torch.Generator(device=device)
+    gen = torch.Generator()
     gen.manual_seed(x & (2**63 - 1))
     return gen
+
+
+def draw(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str,
+         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal values drawn in fp32 on ``generator``'s CPU, then moved: the same
+    numbers on every device and in fp32 and fp64 runs alike. Refreshes are rare, so the
+    copy costs little next to the sketch it feeds."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
 
 
 def _oriented(grad: torch.Tensor, side: str) -> torch.Tensor:
@@ -170,8 +181,7 @@ def rsvd_basis(
     width = min(rank + oversample, d)
     if omega is None:
         # drawn in fp32 whatever the compute dtype: fp32 and fp64 runs sketch alike
-        omega = torch.randn(k, width, generator=generator, device=a.device,
-                            dtype=torch.float32).to(a.dtype)
+        omega = draw((k, width), generator, a.device, a.dtype)
         if comm.columns is not None:
             omega = omega[comm.columns]
     y = comm.sketch(a @ omega)
@@ -248,8 +258,7 @@ def random_basis(d: int, rank: int, generator: torch.Generator,
                  device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An orthonormalised Gaussian basis, independent of the gradient (GrassJump / RSO)."""
-    z = torch.randn(d, rank, generator=generator, device=device, dtype=torch.float32)
-    return orthonormalize(z.to(dtype))
+    return orthonormalize(draw((d, rank), generator, device, dtype))
 
 
 def grassmann_step(basis: torch.Tensor, step: float, generator: torch.Generator) -> torch.Tensor:
@@ -261,8 +270,7 @@ def grassmann_step(basis: torch.Tensor, step: float, generator: torch.Generator)
     (radians) between the old and the new subspace.
     """
     d, r = basis.shape
-    z = torch.randn(d, r, generator=generator, device=basis.device,
-                    dtype=torch.float32).to(basis.dtype)
+    z = draw((d, r), generator, basis.device, basis.dtype)
     x = z - basis @ (basis.T @ z)
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
     angles = s / s.max().clamp_min(torch.finfo(s.dtype).tiny) * step
@@ -297,7 +305,7 @@ def orthogonal_sketch(basis: torch.Tensor, width: int, generator: torch.Generato
     """
     d, r = basis.shape
     cols = min(d - r, width)
-    omega = torch.randn(d, cols, generator=generator, device=basis.device, dtype=basis.dtype)
+    omega = draw((d, cols), generator, basis.device, basis.dtype)
     omega -= basis @ (basis.T @ omega)
     if d - r <= width:
         comp = orthonormalize(omega)

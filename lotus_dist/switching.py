@@ -4,8 +4,9 @@ A policy works in two halves so that distributed runs decide identically on ever
 
 1. ``stats(...)`` returns the *local partial sums* it needs this step (norms and inner
    products are sums over a matrix's elements, so over shards too), or ``None``;
-2. the optimizer sums the stats of all matrices in one reduce (identity in one process)
-   and hands each matrix its reduced vector to ``decide(...)``.
+2. the optimizer sums the stats of all matrices in one reduce (identity in one process),
+   copies the result to the host once, and hands each matrix its reduced values (a list
+   of floats) to ``decide(...)``.
 
 ``decide`` only sets ``state["refresh_pending"]``; the refresh itself happens on the
 next step, as in Lotus Algorithm 2. ``state["steps_since_refresh"]`` is Algorithm 2's
@@ -101,9 +102,9 @@ class FixedSwitch(_Policy):
             return torch.stack([_sq(r), _grad_sq(grad, r)])
         return None
 
-    def decide(self, group: Group, state: State, r, grad, stats: torch.Tensor | None) -> None:
+    def decide(self, group: Group, state: State, r, grad, stats: list[float] | None) -> None:
         if stats is not None:
-            _record_energy(state, float(stats[0]), float(stats[1]))
+            _record_energy(state, stats[0], stats[1])
         if state["steps_since_refresh"] >= group["update_proj_gap"]:
             state["refresh_pending"] = True
 
@@ -133,10 +134,10 @@ class DisplacementSwitch(_Policy):
             return torch.stack([_sq(r), _grad_sq(grad, r), _dot(r, r0), _sq(r0)])
         return None
 
-    def decide(self, group: Group, state: State, r, grad, stats: torch.Tensor | None) -> None:
+    def decide(self, group: Group, state: State, r, grad, stats: list[float] | None) -> None:
         if stats is None:
             return
-        s = stats.double().tolist()
+        s = stats
         _record_energy(state, s[0], s[1])
         if len(s) == 2:
             return
@@ -178,10 +179,10 @@ class MomentumDisplacementSwitch(_Policy):
             return torch.stack([_sq(r), _grad_sq(grad, r), _dot(m, ref), _sq(m), _sq(ref)])
         return None
 
-    def decide(self, group: Group, state: State, r, grad, stats: torch.Tensor | None) -> None:
+    def decide(self, group: Group, state: State, r, grad, stats: list[float] | None) -> None:
         if stats is None:
             return
-        s = stats.double().tolist()
+        s = stats
         _record_energy(state, s[0], s[1])
         if len(s) == 2:
             return
@@ -233,8 +234,8 @@ class PathEfficiencySwitch(_Policy):
         return torch.stack([_sq(r), _grad_sq(grad, r), _dot(s_lr, r), _sq(s_lr),
                             _dot(s_out, y), _sq(s_out), _sq(y)])
 
-    def decide(self, group: Group, state: State, r, grad, stats: torch.Tensor | None) -> None:
-        r_sq, g_sq, lr_dot, lr_sq, out_dot, out_sq, y_sq = stats.double().tolist()
+    def decide(self, group: Group, state: State, r, grad, stats: list[float] | None) -> None:
+        r_sq, g_sq, lr_dot, lr_sq, out_dot, out_sq, y_sq = stats
         if g_sq <= 0:
             return
         a = math.sqrt(g_sq)

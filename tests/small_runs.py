@@ -17,7 +17,7 @@ def small_run(corpus: Path, tokenizer: Path, run_dir: Path, *extra: str) -> list
 
 #: Fields that differ between two runs of the same computation.
 TIMING_FIELDS = {"time", "tokens_per_s", "tokens_per_s_per_device", "tflops_per_device", "mfu",
-                 "peak_memory_gb", "cuda_max_allocated_gb", "cuda_max_reserved_gb"}
+                 "peak_memory_bytes", "cuda_max_allocated_bytes", "cuda_max_reserved_bytes"}
 
 
 def metric_rows(run_dir: Path) -> list[dict]:

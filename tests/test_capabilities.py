@@ -44,6 +44,8 @@ TURN_ON: dict[str, tuple[list[str], dict]] = {
         ([], {"zero_optimization": {"offload_param": {"device": "cpu"}}}),
     "zero_optimization.elastic_checkpoint":
         ([], {"zero_optimization": {"elastic_checkpoint": True}}),
+    "zero_optimization.round_robin_gradients":
+        ([], {"zero_optimization": {"round_robin_gradients": True}}),
 }
 
 

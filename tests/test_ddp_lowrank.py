@@ -210,3 +210,43 @@ def test_consistency_check_names_the_corrupted_basis(tmp_path, lowrank):
         message = torch.load(f"{out}.{r}", weights_only=True)
         assert message is not None and "mlp.0.weight" in message
         assert "rank(s) [1]" in message
+
+
+def _mixed_gpu_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Plain DDP whose ranks compute bases and statistics a little differently, as
+    different GPU models do in the last bits: the replicas must stay identical."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    plain_rsvd = lotus_dist.optim.rsvd_basis
+
+    def drifting_rsvd(grad, rank_, side, **kwargs):
+        basis = plain_rsvd(grad, rank_, side, **kwargs)
+        return basis * (1.0 + 1e-6 * rank)
+
+    lotus_dist.optim.rsvd_basis = drifting_rsvd
+    comm = DataParallelComm()
+    reduce = comm.stats_reduce
+    comm.stats_reduce = lambda flat: reduce(flat * (1.0 + 1e-6 * rank))
+    model, opt = make({**LOTUS, "gamma": 0.3}, comm)
+    for p in model.parameters():
+        dist.broadcast(p.data, 0)
+    for batch in global_batches(world):
+        opt.zero_grad()
+        loss_of(model, batch[rank * 4:(rank + 1) * 4]).backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        opt.step()
+    torch.save({"weights": model.state_dict(), "refreshes": refresh_counts(opt)}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_plain_ddp_replicas_keep_rank0s_bases_and_one_decision(tmp_path):
+    out = str(tmp_path / "rank")
+    mp.spawn(_mixed_gpu_worker, args=(2, _free_port(), out), nprocs=2)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    assert ranks[0]["refreshes"] == ranks[1]["refreshes"]
+    assert max(ranks[0]["refreshes"].values()) >= 2
+    for name, w in ranks[0]["weights"].items():
+        assert torch.equal(ranks[1]["weights"][name], w), name

@@ -35,8 +35,9 @@ from launcher.engines import build_engine
 from launcher.engines.deepspeed import deepspeed_config
 from launcher.optimizer import build_optimizer
 from launcher.train import run
-from lotus_dist.deepspeed import PartitionLayoutError, ZeroLotusAdamW
-from lotus_dist.model import MODEL_SIZES, build_model
+from lotus_dist import LotusAdamW, lotus_param_groups
+from lotus_dist.deepspeed import PartitionLayoutError, ZeroLotusAdamW, balanced_owners
+from lotus_dist.model import MODEL_SIZES, build_model, build_model_on_meta
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dataclasses.replace(MODEL_SIZES["tiny"], vocab_size=512, max_seq_len=32)
@@ -82,14 +83,24 @@ def cached_runs(tmp_path_factory, prefix: str, train: Callable[[Path, tuple[str,
     return launch
 
 
+def torchrun_trainings(small_corpus, tmp_path_factory, nproc: int):
+    def train(run_dir: Path, extra: tuple[str, ...]) -> None:
+        proc = torchrun(run_dir, overrides(*small_corpus, run_dir, *extra), nproc=nproc)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    return cached_runs(tmp_path_factory, f"ds-run{nproc}", train)
+
+
 @pytest.fixture(scope="session")
 def launched(small_corpus, tmp_path_factory):
     """2-rank torchrun trainings."""
-    def train(run_dir: Path, extra: tuple[str, ...]) -> None:
-        proc = torchrun(run_dir, overrides(*small_corpus, run_dir, *extra))
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torchrun_trainings(small_corpus, tmp_path_factory, 2)
 
-    return cached_runs(tmp_path_factory, "ds-run", train)
+
+@pytest.fixture(scope="session")
+def launched_on_3(small_corpus, tmp_path_factory):
+    """3-rank torchrun trainings: the tiny model's 16 and 12 matrices do not split in 3."""
+    return torchrun_trainings(small_corpus, tmp_path_factory, 3)
 
 
 @pytest.fixture(scope="session")
@@ -140,6 +151,29 @@ def test_lotus_equals_single_process_lotus(launched, single_process, stage):
     refreshes = summary(got)["refreshes_per_matrix"]
     assert refreshes == summary(want)["refreshes_per_matrix"]  # every matrix, all ranks'
     assert len(refreshes) == 28 and set(refreshes.values()) == {4}
+
+
+@pytest.mark.slow
+def test_lotus_on_3_ranks_equals_single_process_lotus(launched_on_3, single_process):
+    """Ranks own different numbers of matrices (balanced by bytes, padded): still exact."""
+    got = launched_on_3("parallel.engine=deepspeed", zero(2), "training.batch_size=12")
+    want = single_process("training.batch_size=12")
+    assert_same_run(got, want, tight=1e-5, loose=5e-3)
+    assert summary(got)["refreshes_per_matrix"] == summary(want)["refreshes_per_matrix"]
+
+
+@pytest.mark.slow
+def test_lotus_in_bf16_with_fp32_accumulation_tracks_single_process_bf16(launched_on_3,
+                                                                         single_process):
+    """zero1.json in bf16: DeepSpeed's BF16_Optimizer, fp32 reduction and accumulation (two
+    micro-batches per rank), matrices owned unevenly by 3 ranks."""
+    sets = ("training.dtype=bf16", "training.batch_size=24")
+    got = launched_on_3("parallel.engine=deepspeed", zero(1), *sets)
+    want = single_process(*sets)
+    assert_same_run(got, want, tight=1e-2, loose=1e-2)
+    assert summary(got)["refreshes_per_matrix"] == summary(want)["refreshes_per_matrix"]
+    losses = [loss for _, loss in train_rows(got)]
+    assert losses[-1] < losses[0] - 0.5
 
 
 @pytest.mark.slow
@@ -218,6 +252,7 @@ def test_batch_keys_are_filled_from_training():
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"],
             ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (16, 4, 2, 0.5)
     assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 1
+    assert ds["communication_data_type"] == ds["data_types"]["grad_accum_dtype"] == "fp32"
     assert deepspeed_config(config(zero(1)), 1, CPU.device)["bf16"]["enabled"] is False
 
 
@@ -250,34 +285,214 @@ def test_unsupported_combinations_fail_before_anything_is_built(sets, message):
     assert not dist.is_initialized()
 
 
-def test_lotus_at_zero2_needs_the_world_size_to_divide_the_matrix_counts():
-    """Tiny has 16 square and 12 MLP matrices: 3 ranks cannot own them whole."""
-    cfg = config(zero(2), "training.batch_size=12", "training.micro_batch_size=4")
-    with pytest.raises(ConfigError, match=r"not multiples of 3.*Use parallel\.engine=fsdp"):
-        build_engine(cfg, TINY, dataclasses.replace(CPU, world_size=3),
-                     plan_run(cfg, 3, True, CPU.device))
-    assert not dist.is_initialized()
-
-
 # ------------------------------------------------------------------ whole-matrix ownership
 
 
-def lotus_optimizer() -> ZeroLotusAdamW:
-    return ZeroLotusAdamW.from_lotus(build_optimizer(config(zero(2)).optim, build_model(TINY),
-                                                     seed=0))
+def projected_sizes(size: str) -> list[int]:
+    """Elements of each projected matrix of a model size, in single-process order."""
+    model = build_model_on_meta(MODEL_SIZES[size])
+    groups = lotus_param_groups(model, rank=8)
+    return [p.numel() for g in groups if "rank" in g for _, p in g["params"]]
 
 
-def test_regrouping_gives_each_rank_one_whole_matrix_and_keeps_refresh_seeds():
-    opt = lotus_optimizer()
+@pytest.mark.parametrize(("size", "world_size", "max_over_min", "padding"), [
+    ("1b", 16, 1.0001, 1e-4),  # 96 square, 72 MLP matrices: 10 + 3 or 2 + 6 per rank
+    ("7b", 64, 1.121, 0.057),  # 3.5 matrices per rank: the fullest holds 2 MLP + 1 attention
+    ("tiny", 3, 1.016, 0.011),
+    ("tiny", 16, 1.37, 0.23),  # 28 matrices on 16 ranks
+])
+def test_owners_balance_bytes_at_any_world_size(size, world_size, max_over_min, padding):
+    sizes = projected_sizes(size)
+    owners = balanced_owners(sizes, world_size)
+    assert sorted(j for owned in owners for j in owned) == list(range(len(sizes)))
+    loads = [sum(sizes[j] for j in owned) for owned in owners]
+    assert max(loads) / min(loads) <= max_over_min
+    assert (max(loads) * world_size - sum(sizes)) / sum(sizes) <= padding
+
+
+def test_owners_split_each_size_evenly_where_the_world_size_divides_the_counts():
+    sizes = projected_sizes("1b")
+    for owned in balanced_owners(sizes, 8):  # 96 and 72 matrices: 12 and 9 per rank
+        assert sorted(sizes[j] for j in owned) == sorted([2048 * 2048] * 12 + [2048 * 5461] * 9)
+
+
+TINY_OPTIM = ("optim.verify_gap=2", "optim.gamma=2.0")  # refreshes at steps 1 and 3
+
+
+def tiny_lotus() -> tuple[torch.nn.Module, LotusAdamW]:
+    model = build_model(TINY)
+    return model, build_optimizer(config(zero(2), *TINY_OPTIM).optim, model, seed=0)
+
+
+def aligned_flat(tensors: list[torch.Tensor], world_size: int) -> torch.Tensor:
+    """A param group as ZeRO-1/2 flatten it: in order, zero-padded to 2 x world size."""
+    from deepspeed.runtime.utils import align_dense_tensors
+
+    return torch.cat([t.reshape(-1) for t in align_dense_tensors(tensors, 2 * world_size)])
+
+
+def zero_partition(opt: ZeroLotusAdamW, world_size: int, rank: int) -> list[list[torch.Tensor]]:
+    """Do to ``opt``'s groups what ZeRO-1/2 do on ``rank``: flatten each group, keep this
+    rank's equal piece in fp32 as the group's one tensor, and link the parameters to it
+    with DeepSpeed's own ``link_hp_params``. Returns each group's tensors in their order."""
+    from deepspeed.utils import link_hp_params
+
+    laid_out = []
+    for i, group in enumerate(opt.param_groups):
+        params = group["params"]
+        flat = aligned_flat([p.detach() for p in params], world_size)
+        size = flat.numel() // world_size
+        partition = flat[rank * size:(rank + 1) * size].clone().requires_grad_()
+        link_hp_params(params, partition, {}, None, False, i, rank * size, size, None)
+        group["params"] = [partition]
+        laid_out.append(params)
+    return laid_out
+
+
+def zero_wrapper() -> object:
+    """What ``bind`` is handed at ZeRO-1/2 (it reads the partitions from the groups)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return DeepSpeedZeroOptimizer.__new__(DeepSpeedZeroOptimizer)
+
+
+def gradients(model: torch.nn.Module, step: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(step)
+    return {name: torch.randn(p.shape, generator=gen) for name, p in model.named_parameters()}
+
+
+@pytest.fixture
+def one_thread():
+    """Many tiny QRs: on a busy 2-core machine one thread runs them ~100x faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("world_size", [3, 5, 16])
+def test_every_rank_steps_whole_matrices_and_together_they_equal_one_process(world_size,
+                                                                             one_thread):
+    """Simulated ranks of the tiny model (16 square and 12 MLP matrices, counts none of
+    these world sizes divides): ``bind`` finds each rank's projected partition to be whole
+    matrices plus padding, and 3 steps (2 refreshes) of all ranks give the weights, and the
+    refreshes per matrix, of one process that steps the whole gradient."""
+    model, reference = tiny_lotus()
+    ranks: list[tuple[ZeroLotusAdamW, list[list[tuple[str | None, int]]]]] = []
+    for rank in range(world_size):
+        rank_model, lotus = tiny_lotus()
+        names = {id(p): name for name, p in rank_model.named_parameters()}
+        opt = ZeroLotusAdamW.from_lotus(lotus)
+        opt.regroup_for_zero(world_size)
+        laid_out = zero_partition(opt, world_size, rank)
+        opt.bind(zero_wrapper())  # refuses a partition that cuts a matrix
+        ranks.append((opt, [[(names.get(id(p)), p.numel()) for p in params]  # None: padding
+                            for params in laid_out]))
+
+    for step in range(1, 4):
+        grads = gradients(model, step)
+        for name, p in model.named_parameters():
+            p.grad = grads[name]
+        reference.step()
+        for rank, (opt, laid_out) in enumerate(ranks):
+            for group, tensors in zip(opt.param_groups, laid_out):
+                flat = aligned_flat([grads[n] if n else torch.zeros(numel)
+                                     for n, numel in tensors], world_size)
+                (partition,) = group["params"]
+                partition.grad = flat.view(world_size, -1)[rank].clone()
+            opt.step()
+            opt.sync_telemetry()
+
+    owned = [opt.telemetry() for opt, _ in ranks]
+    assert sum(len(t) for t in owned) == 28  # each matrix stepped by one rank
+    assert {k: v for t in owned for k, v in t.items()} == reference.telemetry()
+    assert {t["refresh_count"] for t in reference.telemetry().values()} == {2}
+    want = dict(model.named_parameters())
+    for i, tensors in enumerate(ranks[0][1]):
+        flat = torch.cat([opt.param_groups[i]["params"][0].detach() for opt, _ in ranks])
+        pieces = flat[:sum(numel for _, numel in tensors)].split([n for _, n in tensors])
+        for (name, _), got in zip(tensors, pieces):
+            if name is None:
+                assert not got.any()  # padding stays zero
+            else:
+                torch.testing.assert_close(got.view(want[name].shape), want[name].detach(),
+                                           msg=name)
+
+
+def test_a_partition_that_cuts_a_matrix_is_refused():
+    """The tiny model's groups as built, cut in 3: some partition splits a matrix."""
+    opt = ZeroLotusAdamW.from_lotus(tiny_lotus()[1])
+    zero_partition(opt, 3, 1)
+    with pytest.raises(PartitionLayoutError, match="DeepSpeed cut a matrix"):
+        opt.bind(zero_wrapper())
+
+
+def test_regrouping_keeps_every_matrix_index_and_pads_the_slots():
+    opt = ZeroLotusAdamW.from_lotus(tiny_lotus()[1])
     index_before = dict(opt._index)
-    opt.regroup_for_zero(4)
-    projected = [g for g in opt.param_groups if "rank" in g]
-    assert len(projected) == (16 + 12) // 4
-    for g in projected:
-        assert len(g["params"]) == 4 and len({p.numel() for p in g["params"]}) == 1
+    opt.regroup_for_zero(3)
     assert opt._index == index_before  # the refresh generator of each matrix is unchanged
+    (projected,) = [g["params"] for g in opt.param_groups if "rank" in g]
+    assert len(projected) == 28 + sum(1 for p in projected if p.dim() == 1)
+    assert sum(p.numel() for p in projected) % 6 == 0 and opt.padding_numel > 0
 
 
-def test_regrouping_refuses_counts_the_world_size_does_not_divide():
-    with pytest.raises(PartitionLayoutError, match="16 matrices of 16384 elements"):
-        lotus_optimizer().regroup_for_zero(3)
+def _bf16_zero1_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One step of the tiny model at ZeRO-1 in bf16 with the shipped zero1.json: each rank
+    records its wrapper, the matrices it stepped and the fp32 masters and gradients
+    DeepSpeed holds before and after (``safe_get_full_*``, collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = config(zero(1), "training.dtype=bf16", "training.grad_clip=0",
+                 "training.batch_size=12", "training.micro_batch_size=4", *TINY_OPTIM)
+    engine = build_engine(cfg, TINY, dataclasses.replace(CPU, rank=rank, world_size=world,
+                                                         local_rank=rank),
+                          plan_run(cfg, world, True, CPU.device))
+    params = dict(engine.raw_model.named_parameters())
+    before = {n: safe_get_full_fp32_param(p) for n, p in params.items()}
+    tokens = torch.randint(TINY.vocab_size, (4, 33), generator=torch.Generator().manual_seed(rank))
+    with engine.micro_batch(last=True):
+        logits = engine.model(tokens[:, :-1])
+        engine.backward(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                                          tokens[:, 1:].flatten()))
+    engine.clip_grad_norm(0.0)
+    grads = {n: safe_get_full_grad(p) for n, p in params.items()}
+    engine.optimizer_step()
+    after = {n: safe_get_full_fp32_param(p) for n, p in params.items()}
+    torch.save({"wrapper": type(engine.ds.optimizer).__name__,
+                "stepped": sorted(engine.optimizer.telemetry()) if rank == 0 else None,
+                "owned": [n for n, p in params.items() if "proj" in n and p._hp_mapping],
+                "weights": {n: p.detach().float() for n, p in params.items()},
+                "before": before, "grads": grads, "after": after},
+               Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_lotus_maps_the_bf16_optimizer_partitions_back_to_matrices(tmp_path, one_thread):
+    """3 gloo ranks, zero1.json with bf16: DeepSpeed picks its BF16_Optimizer (fp32 gradient
+    accumulation and reduction); each matrix has one owner, and the fp32 masters after the
+    step are one process's Lotus step from DeepSpeed's masters and averaged gradients."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_bf16_zero1_worker, args=(3, port, str(tmp_path)), nprocs=3)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
+    assert {r["wrapper"] for r in ranks} == {"BF16_Optimizer"}
+    owned = [n for r in ranks for n in r["owned"]]
+    assert len(owned) == len(set(owned)) == 28 and sorted(owned) == ranks[0]["stepped"]
+    got = ranks[0]
+    assert "lotus_zero_padding" not in " ".join(got["weights"])
+    model, reference = tiny_lotus()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(got["before"][name])
+            p.grad = got["grads"][name]
+    reference.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got["after"][name], p.detach(), msg=name)
+        assert torch.equal(got["weights"][name], got["after"][name].bfloat16().float())

@@ -3,7 +3,7 @@
 The entry point only chooses between lotus-train and torchrun from the environment, so
 DRY_RUN=1 (print the command) checks every choice; two real tiny runs (1 and 2 ranks on
 gloo) check that the printed commands train. run.sh is run against a stub `docker` that
-prints its arguments.
+prints its arguments; the image's NCCL defaults are read from the Dockerfile.
 """
 
 from __future__ import annotations
@@ -144,18 +144,28 @@ def test_entrypoint_trains_with_one_or_two_ranks(nproc, small_corpus, tmp_path):
     assert summary["world_size"] == nproc
 
 
-def test_run_sh_starts_the_image_with_gpus_host_ipc_and_mounted_folders(tmp_path):
+def run_sh_args(tmp_path: Path, **env: str) -> list[str]:
+    """The arguments run.sh gives a stub ``docker``, with ``env`` added to the host's."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     stub = bin_dir / "docker"
     stub.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
     stub.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", LOTUS_HOME=str(tmp_path / "home"),
-               NPROC_PER_NODE="8", IMAGE="lotus-dist:test")
-    result = subprocess.run([str(RUN_SH), *TRAIN], env=env, capture_output=True, text=True,
+    base = {k: v for k, v in os.environ.items()
+            if k not in LAUNCH_VARS and not k.startswith(("NCCL_", "TORCH_NCCL_", "FI_"))}
+    base.update(PATH=f"{bin_dir}{os.pathsep}{base['PATH']}", LOTUS_HOME=str(tmp_path / "home"),
+                **env)
+    result = subprocess.run([str(RUN_SH), *TRAIN], env=base, capture_output=True, text=True,
                             check=True)
-    args = result.stdout.splitlines()
+    return result.stdout.splitlines()
+
+
+def forwarded(args: list[str]) -> set[str]:
+    return {args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "-e"}
+
+
+def test_run_sh_starts_the_image_with_gpus_host_ipc_and_mounted_folders(tmp_path):
+    args = run_sh_args(tmp_path, NPROC_PER_NODE="8", IMAGE="lotus-dist:test")
     assert args[0] == "run"
     for flag in ("--gpus", "--ipc=host", "--init", "--network=host"):
         assert flag in args
@@ -164,3 +174,55 @@ def test_run_sh_starts_the_image_with_gpus_host_ipc_and_mounted_folders(tmp_path
     assert f"{tmp_path}/home/runs:/opt/lotus/runs" in args
     assert args[-len(TRAIN) - 1:] == ["lotus-dist:test", *TRAIN]
     assert (tmp_path / "home" / "cache").is_dir()
+
+
+def test_run_sh_forwards_nccl_torch_nccl_and_libfabric_variables(tmp_path):
+    mine = {"NCCL_IB_HCA": "mlx5", "NCCL_SOCKET_IFNAME": "ib0", "TORCH_NCCL_BLOCKING_WAIT": "1",
+            "FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1"}
+    args = run_sh_args(tmp_path, **mine, MY_NCCL_NOTE="x", NCCLX="y", NPROC_PER_NODE="8")
+    assert forwarded(args) == {*mine, "NPROC_PER_NODE"}
+
+
+def test_run_sh_maps_infiniband_devices_with_ipc_lock(tmp_path):
+    devices = tmp_path / "infiniband"
+    devices.mkdir()
+    args = run_sh_args(tmp_path, IB_DEVICES=str(devices))
+    assert f"--device={devices}" in args
+    assert "--cap-add=IPC_LOCK" in args and "memlock=-1" in args
+    # a host without the devices (or IB_DEVICES empty) maps none: docker would refuse it
+    for absent in (str(tmp_path / "missing"), ""):
+        args = run_sh_args(tmp_path, IB_DEVICES=absent)
+        assert not any(a.startswith("--device") for a in args)
+        assert "--cap-add=IPC_LOCK" in args
+
+
+def dockerfile_instructions(name: str) -> list[str]:
+    """The arguments of every ``name`` instruction of docker/Dockerfile, continuation
+    lines joined."""
+    text = (REPO / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    return [line.split(None, 1)[1] for line in text.splitlines()
+            if line.split(None, 1)[:1] == [name]]
+
+
+def test_image_sets_nccl_defaults_with_a_flight_recorder_dump_on_a_volume():
+    env = dict(pair.split("=", 1) for args in dockerfile_instructions("ENV")
+               for pair in shlex.split(args))
+    assert env["NCCL_DEBUG"] == "WARN"
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert int(env["TORCH_NCCL_TRACE_BUFFER_SIZE"]) > 0  # else the dump records nothing
+    assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    volumes = json.loads(dockerfile_instructions("VOLUME")[0])
+    dump = Path(env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"])
+    assert any(dump.is_relative_to(v) for v in volumes)  # on the host, not the container's /tmp
+    assert dump.name == "rank_"  # one file per rank in its own folder (fr_trace reads it)
+
+
+def test_entrypoint_creates_the_flight_recorder_folder_before_launching(tmp_path):
+    stub = tmp_path / "torchrun"
+    stub.write_text("#!/usr/bin/env bash\necho started\n")
+    stub.chmod(0o755)
+    trace = tmp_path / "runs" / "nccl-trace"
+    result = entrypoint(*TRAIN, dry_run=False, path=tmp_path, NPROC_PER_NODE="2",
+                        TORCH_NCCL_DEBUG_INFO_TEMP_FILE=f"{trace}/rank_")
+    assert result.stdout == "started\n", result.stderr
+    assert trace.is_dir()

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from launcher import trainer
 from launcher.config import load_config
-from launcher.flops import cuda_memory_gb, device_peak_flops, peak_bf16_flops, throughput
+from launcher.flops import cuda_memory_bytes, device_peak_flops, peak_bf16_flops, throughput
 from launcher.train import run
 from lotus_dist.model import MODEL_SIZES, build_model
 
@@ -54,7 +54,7 @@ def test_peak_table_tells_the_variants_apart_and_knows_no_cpu():
     assert peak_bf16_flops("NVIDIA GeForce RTX 4090") == 165e12
     assert peak_bf16_flops("Tesla T4") is None  # unlisted: no MFU rather than a guess
     assert device_peak_flops(torch.device("cpu")) is None
-    assert cuda_memory_gb(torch.device("cpu")) == {}
+    assert cuda_memory_bytes(torch.device("cpu")) == {}
 
 
 def test_mfu_is_achieved_flops_per_device_over_the_peak():
@@ -82,7 +82,7 @@ def test_rows_and_summary_carry_throughput_per_device_and_mfu(small_corpus, tmp_
         assert row["tflops_per_device"] == pytest.approx(
             per_token * row["tokens_per_s"] / 1e12)
         assert row["mfu"] == pytest.approx(row["tflops_per_device"] * 1e12 / peak)
-        assert "cuda_max_reserved_gb" not in row  # CPU
+        assert "cuda_max_reserved_bytes" not in row  # CPU
     assert summary["tokens_per_s_per_device"] == summary["tokens_per_s"]
     assert summary["mfu"] == pytest.approx(per_token * summary["tokens_per_s"] / peak)
     assert json.loads((tmp_path / "summary.json").read_text())["mfu"] == summary["mfu"]

@@ -1,4 +1,5 @@
-"""Foreach kernels in the optimizer step: the same arithmetic as the per-tensor loop."""
+"""Per-tensor overheads of the optimizer step: foreach kernels do the same arithmetic as
+the per-tensor loop, and a step's host syncs do not grow with the number of matrices."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import pytest
 import torch
 
+from launcher.bench.optimizer import count_host_syncs, syncs_per_check_step
 from launcher.bench.optimizer import main as bench_main
 from lotus_dist import LotusAdamW
 
@@ -51,3 +53,34 @@ def test_bench_optimizer_prints_one_json_line(capsys):
     assert record["bench"] == "optimizer"
     assert [r["matrices"] for r in record["rows"]] == [4, 8]
     assert all(r["loop_s"] > 0 and r["foreach_s"] > 0 for r in record["rows"])
+
+
+def test_host_syncs_per_step_do_not_grow_with_the_matrix_count():
+    """One sync for the finite check and one for all switch decisions (224 matrices
+    used to mean 225 on a verify step, each a wait for the GPU)."""
+    assert syncs_per_check_step(4, (16, 8), 2) == syncs_per_check_step(224, (16, 8), 2) == 2
+
+
+def test_the_sync_counter_counts_host_copies():
+    t = torch.ones(3)
+    with count_host_syncs() as syncs:
+        float(t.sum())
+        t.tolist()
+        bool(t.all())
+    assert syncs[0] == 3
+    assert float(t.sum()) == 3.0  # the methods are restored
+
+
+@pytest.mark.parametrize("count", [4, 32])
+def test_recovery_norms_share_one_host_copy(count):
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(16, 8, generator=gen)) for _ in range(count)]
+    opt = LotusAdamW([{"params": weights, "rank": 2, "switch": "fixed",
+                       "update_proj_gap": 100, "recovery_scaling": True}])
+    for _ in range(2):
+        for w in weights:
+            w.grad = torch.randn(w.shape, generator=gen)
+        with count_host_syncs() as syncs:
+            opt.step()
+    # the finite check, the recovery norms (the fixed switch checks only at refreshes)
+    assert syncs[0] == 2

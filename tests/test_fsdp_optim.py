@@ -196,7 +196,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         noise = torch.rand(stats.shape, generator=torch.Generator().manual_seed(rank))
         stats = stats * (1.0 + rank * noise)  # rank 0 keeps its numbers, the others do not
         vote = dict(state)
-        policy.decide(group, vote, r, g, stats)
+        policy.decide(group, vote, r, g, stats.double().tolist())
         local_votes.append(bool(vote.get("refresh_pending")))
         return stats
 
@@ -375,7 +375,6 @@ def test_memory_per_rank_falls_as_one_over_world_size(single, sharded, world):
     one = single["memory"]
     for r in sharded[world]:
         got = r["memory"]
-        for kind in ("weights", "gradients", "optimizer_state"):
+        for kind in ("weights", "gradients", "optimizer_state", "bases"):
             assert got[kind] * world == one[kind], kind  # tiny's sizes divide 2 and 4
-        assert got["bases"] == one["bases"]  # (n or m) x r per matrix, replicated
 

@@ -59,7 +59,9 @@ def _worker(rank: int, world: int, jobs: list[tuple[list[str], int]]) -> None:
         run(load_config("configs/tiny.yaml", args))
 
 
-def _spawn(world: int, jobs: list[list[str]]) -> None:
+def spawn(world: int, jobs: list[list[str]]) -> None:
+    """Train each job's overrides in turn on ``world`` spawned ranks (one process group
+    each, a fresh port each)."""
     mp.spawn(_worker, args=(world, [(args, _free_port()) for args in jobs]), nprocs=world)
 
 
@@ -83,11 +85,11 @@ def runs(small_corpus, tmp_path_factory) -> Path:
 
     for optim in OPTIMIZERS:
         run(load_config("configs/tiny.yaml", args(f"{optim}-1", optim)))
-    _spawn(2, [args("lotus-2", "lotus", "checkpoint.interval=4"), args("galore-2", "galore"),
+    spawn(2, [args("lotus-2", "lotus", "checkpoint.interval=4"), args("galore-2", "galore"),
                args("lotus-2-ac", "lotus", "parallel.activation_checkpointing=true"),
                args("lotus-2-bf16", "lotus", "parallel.mixed_precision=bf16")])
     _resume_from(root / "lotus-2", root / "resume-4", step=4)
-    _spawn(4, [args("lotus-4", "lotus"), args("galore-4", "galore"),
+    spawn(4, [args("lotus-4", "lotus"), args("galore-4", "galore"),
                args("resume-4", "lotus", "checkpoint.interval=2")])
     _resume_from(root / "resume-4", root / "resume-1", step=6)
     run(load_config("configs/tiny.yaml", args("resume-1", "lotus")))

@@ -124,7 +124,13 @@ def test_train_job_runs_on_two_nodes_and_writes_its_run_directory(
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text
     assert info["ExitCode"] == "0:0", text
-    assert "2 node(s) x 1 rank(s)" in text
+    # --exclusive by default: whole nodes, and each node's task gets all their CPUs
+    node = subprocess.run(["scontrol", "show", "node", "-o", "lotus1"], env=slurm_env,
+                          check=True, capture_output=True, text=True).stdout
+    node_cpus = int(re.search(r"CPUTot=(\d+)", node).group(1))
+    assert info["NumCPUs"] == str(2 * node_cpus)
+    assert f"2 node(s) x 1 rank(s) on {node_cpus} CPU(s) each" in text
+    assert (run_dir / "nccl-trace").is_dir()  # where a timed-out collective's trace goes
     assert train_steps(run_dir) == list(range(1, 31))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 30

@@ -13,10 +13,15 @@ Per rank (rank 0, which holds the largest shards):
 
 * ddp: weights, gradients and state whole on every rank.
 * fsdp: weights, gradients and state laid out like them are a shard, ceil(s / W) rows
-  of the dimension FSDP shards (``lotus_dist.fsdp.lotus_shard_dim``). State in R's space
+  of the dimension FSDP shards (``lotus_dist.fsdp.lotus_shard_dim``), at any number of
+  micro-batches per step: each one's gradient is reduce-scattered and summed into the
+  shards (``parallel.fsdp_grad_accumulation=sharded``). With ``unsharded`` and more than
+  one micro-batch, every rank sums whole fp32 gradients between micro-batches: the
+  ``grads_unsharded_accum`` column, the whole model's gradients at any W. State in R's space
   (Adam moments, the displacement switch's R_0) is sharded like R where the matrix is
   sharded along the dimension its projection keeps, and whole where FSDP falls back to
-  dim 0; bases are whole on every rank (each rank projects its shard with the whole basis).
+  dim 0; bases are sharded by rows (``FSDPComm.store_basis``: a rank gathers one whole
+  basis at a time to project its shard, a transient not counted here).
 * per_layer: each gradient is freed by its hook right after its update, so the gradients
   are the largest single one. That holds for one micro-batch per step: under gradient
   accumulation the hooks wait for the last micro-batch and every summed gradient is kept.
@@ -88,13 +93,14 @@ METHODS = (
 )
 DEFAULT_METHODS = "adamw,galore,galore_per_layer,lotus,lotus_per_layer"
 
-Sharding = Literal["param", "lowrank", "whole"]
+Sharding = Literal["param", "lowrank", "rows", "whole"]
 
 
 @dataclass(frozen=True)
 class StateTensor:
     """One tensor of a parameter's optimizer state and how FSDP lays it out: like the
-    parameter, like R (the low-rank gradient), or whole on every rank."""
+    parameter, like R (the low-rank gradient), by rows (FSDP's bases), or whole on every
+    rank."""
 
     shape: tuple[int, ...]
     itemsize: int
@@ -125,6 +131,9 @@ class Usage:
     state: int
     workspace: int
     whole_state: int
+    grads_unsharded_accum: int | None
+    """fsdp: the gradients with ``parallel.fsdp_grad_accumulation=unsharded`` and more
+    than one micro-batch per step (``grads`` holds for sharded accumulation)."""
 
     @property
     def grads_state(self) -> int:
@@ -199,7 +208,7 @@ def lotus_layout(optimizer: LotusAdamW, names: dict[torch.Tensor, str]) -> dict[
             r_shape = (rank, shape[1]) if side == "left" else (shape[0], rank)
             low = StateTensor(r_shape, compute, "lowrank")
             state = {key: low for key in ("exp_avg", "exp_avg_sq", *SWITCH_STATE[group["switch"]])}
-            state["basis"] = StateTensor((projected_dim(shape, side), rank), compute, "whole")
+            state["basis"] = StateTensor((projected_dim(shape, side), rank), compute, "rows")
             out[names[p]] = ParamLayout(shape, itemsize, state, side, group["projection"], rank,
                                         group["oversample"])
     return out
@@ -250,6 +259,8 @@ def local_bytes(shape: tuple[int, ...], itemsize: int, dim: int | None, world: i
 
 def state_dim(tensor: StateTensor, layout: ParamLayout, dim: int | None) -> int | None:
     """Where a state tensor is sharded, given its parameter's shard dimension ``dim``."""
+    if tensor.sharding == "rows":  # FSDPComm.store_basis: this rank's rows of the basis
+        return None if dim is None else 0
     if tensor.sharding == "param":
         return dim
     if tensor.sharding == "lowrank" and dim is not None and dim == kept_dim(layout.side):
@@ -296,11 +307,12 @@ def refresh_workspace(layout: ParamLayout, dim: int | None, world: int) -> int:
 def per_rank_usage(layouts: Iterable[ParamLayout], per_layer: bool, engine: str,
                    world: int) -> Usage:
     """Rank 0's bytes under ``engine`` on ``world`` ranks (gradients like the weights)."""
-    params = largest = state = whole = workspace = 0
+    params = largest = state = whole = workspace = whole_grads = 0
     for lay in layouts:
         dim = shard_dim(lay, engine, world)
         own = local_bytes(lay.shape, lay.itemsize, dim, world)
         params += own
+        whole_grads += local_bytes(lay.shape, lay.itemsize, None, world)
         largest = max(largest, own)
         for t in lay.state.values():
             t_dim = state_dim(t, lay, dim)
@@ -308,7 +320,8 @@ def per_rank_usage(layouts: Iterable[ParamLayout], per_layer: bool, engine: str,
             state += nbytes
             whole += nbytes if t_dim is None else 0
         workspace = max(workspace, refresh_workspace(lay, dim, world))
-    return Usage(params, largest if per_layer else params, state, workspace, whole)
+    return Usage(params, largest if per_layer else params, state, workspace, whole,
+                 whole_grads if engine == "fsdp" and not per_layer else None)
 
 
 # --------------------------------------------------------------------- the real-step check
@@ -420,6 +433,7 @@ def table_rows(usage: dict, ranks: dict[tuple[str, str], int]) -> list[dict]:
         base = usage.get((size, engine, world, "adamw"))
         rows.append({"size": size, "engine": engine, "world_size": world, "method": label,
                      "rank": ranks[size, label], "params": u.params, "grads": u.grads,
+                     "grads_unsharded_accum": u.grads_unsharded_accum,
                      "state": u.state, "workspace": u.workspace, "whole_state": u.whole_state,
                      "grads_state_vs_adamw": _ratio(u.grads_state, base and base.grads_state),
                      "total_vs_adamw": _ratio(u.resident + u.workspace,
@@ -482,12 +496,17 @@ def _verdict(ok: bool | None) -> str:
 
 
 def print_report(rows: list[dict], summary: list[dict], goals: dict) -> None:
+    print("grads: at any number of micro-batches per step (fsdp: with its default "
+          "parallel.fsdp_grad_accumulation=sharded); unsharded accum: fsdp with "
+          "parallel.fsdp_grad_accumulation=unsharded and more than one micro-batch per step\n")
     print(f"{'size':>5} {'engine':>6} {'W':>3} {'method':>16} {'rank':>5} {'params GiB':>10} "
-          f"{'grads GiB':>9} {'state GiB':>9} {'workspace GiB':>13} {'g+s/adamw':>9} "
-          f"{'total/adamw':>11}")
+          f"{'grads GiB':>9} {'unsharded accum GiB':>19} {'state GiB':>9} "
+          f"{'workspace GiB':>13} {'g+s/adamw':>9} {'total/adamw':>11}")
     for r in rows:
+        accum = r["grads_unsharded_accum"]
         print(f"{r['size']:>5} {r['engine']:>6} {r['world_size']:>3} {r['method']:>16} "
               f"{r['rank'] or '-':>5} {r['params'] / GIB:10.3f} {r['grads'] / GIB:9.3f} "
+              f"{_fmt(None if accum is None else accum / GIB):>19} "
               f"{r['state'] / GIB:9.3f} {r['workspace'] / GIB:13.4f} "
               f"{_fmt(r['grads_state_vs_adamw']):>9} {_fmt(r['total_vs_adamw']):>11}")
     print(f"\n{'size':>5} {'lotus_pl/adamw g+s':>18} {'lotus/galore g+s+w':>18} "

@@ -12,21 +12,23 @@ same run, and reports the ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 
 import torch
 
 from lotus_dist import LotusAdamW
 
 
-def _optimizer(count: int, shape: tuple[int, int], rank: int,
-               foreach: bool) -> tuple[LotusAdamW, list[torch.Tensor]]:
+def _optimizer(count: int, shape: tuple[int, int], rank: int, foreach: bool,
+               verify_gap: int = 10**6) -> tuple[LotusAdamW, list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     weights = [torch.nn.Parameter(torch.randn(*shape, generator=gen)) for _ in range(count)]
     norms = [torch.nn.Parameter(torch.ones(shape[0])) for _ in range(count)]
     groups = [{"params": weights, "rank": rank, "switch": "displacement",
-               "verify_gap": 10**6, "update_proj_gap": 10**6},
+               "verify_gap": verify_gap, "update_proj_gap": 10**6, "gamma": 1e-9},
               {"params": norms}]
     opt = LotusAdamW(groups, lr=1e-3, weight_decay=0.01, foreach=foreach)
     params = weights + norms
@@ -34,6 +36,40 @@ def _optimizer(count: int, shape: tuple[int, int], rank: int,
         p.grad = torch.randn(p.shape, generator=gen)
     opt.step()  # the first step draws the bases; the timed ones do not refresh
     return opt, params
+
+
+@contextlib.contextmanager
+def count_host_syncs() -> Iterator[list[int]]:
+    """Count the device-to-host copies of tensor values (``item``, ``tolist``, ``float``,
+    ``int``, ``bool``): each one waits for the GPU to drain its queue. On the CPU they
+    cost nothing, which makes counting them the way to see what a GPU step would wait
+    for. Yields a one-element list holding the count."""
+    names = ("item", "tolist", "__float__", "__int__", "__bool__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    count = [0]
+
+    def counting(method):
+        def wrapper(self, *args, **kwargs):
+            count[0] += 1
+            return method(self, *args, **kwargs)
+        return wrapper
+
+    for name, method in saved.items():
+        setattr(torch.Tensor, name, counting(method))
+    try:
+        yield count
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def syncs_per_check_step(count: int, shape: tuple[int, int], rank: int) -> int:
+    """Host syncs of one ``step()`` on which every matrix checks its switch (the
+    displacement policy's verify step, where all 224 of a 7B model check together)."""
+    opt, _ = _optimizer(count, shape, rank, foreach=True, verify_gap=2)
+    with count_host_syncs() as syncs:
+        opt.step()  # step 2 of each basis: a verify step
+    return syncs[0]
 
 
 def time_steps(count: int, shape: tuple[int, int], rank: int,
@@ -64,12 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     shape = tuple(int(x) for x in args.shape.lower().split("x"))
     rows = []
     print(f"{'matrices':>8} {'loop ms':>9} {'foreach ms':>11} {'loop/foreach':>13} "
-          f"{'foreach us/matrix':>18}")
+          f"{'foreach us/matrix':>18} {'syncs/check step':>17}")
     for count in (int(c) for c in args.counts.split(",")):
         loop, fused = time_steps(count, shape, args.rank, args.steps)
+        syncs = syncs_per_check_step(count, shape, args.rank)
         rows.append({"matrices": count, "loop_s": loop, "foreach_s": fused,
-                     "speedup": loop / fused})
+                     "speedup": loop / fused, "host_syncs_per_check_step": syncs})
         print(f"{count:>8} {loop * 1e3:>9.2f} {fused * 1e3:>11.2f} {loop / fused:>13.2f} "
-              f"{fused / count * 1e6:>18.1f}")
+              f"{fused / count * 1e6:>18.1f} {syncs:>17}")
     print(json.dumps({"bench": "optimizer", "shape": list(shape), "rank": args.rank,
                       "threads": args.threads, "rows": rows}))

@@ -94,7 +94,7 @@ def _measure(path: str, method: str, rank: int, power_iters: int, oversample: in
         if method == "svd":
             return svd_basis(g, r, side)
         return rsvd_basis(g, r, side, oversample=oversample, power_iters=power_iters,
-                          generator=refresh_generator(0, 0, i, device))
+                          generator=refresh_generator(0, 0, i))
 
     def sync() -> None:
         if device.startswith("cuda"):

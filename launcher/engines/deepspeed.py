@@ -10,9 +10,11 @@ Wiring, top to bottom (``build_deepspeed_engine``):
 3. Build the whole model on every rank (ZeRO-3 partitions it inside ``initialize``).
 4. Build the optimizer: torch AdamW, or ``ZeroLotusAdamW`` from the single-process param
    groups (so every matrix keeps its index and refresh seed), regrouped at ZeRO-1/2 so
-   that each rank's partition of a projected group is one whole matrix.
-5. ``deepspeed.initialize``; then ``bind`` maps what DeepSpeed handed the optimizer back
-   to matrices and fails if a partition is not one whole matrix.
+   that each rank's partition of a projected group is whole matrices (plus zero padding),
+   balanced by bytes.
+5. ``deepspeed.initialize`` (with the padding registered on the model meanwhile); then
+   ``bind`` maps what DeepSpeed handed the optimizer back to matrices and fails if a
+   partition cuts one.
 
 DeepSpeed owns gradient reduction, clipping (``gradient_clipping`` = ``training.grad_clip``)
 and the update; the trainer's learning-rate schedule writes into the client optimizer's
@@ -125,10 +127,12 @@ def build_deepspeed_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistI
     else:
         client = ZeroLotusAdamW.from_lotus(optimizer)
         if stage in (1, 2):
-            _or_config_error(client.regroup_for_zero, dist_info.world_size)
+            client.regroup_for_zero(dist_info.world_size)
     _quiet_deepspeed(dist_info.device)
     join_one_process_group(dist_info.device, cfg.parallel.timeout_s)
-    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=ds_cfg)
+    with (client.padding_registered(model) if isinstance(client, ZeroLotusAdamW)
+          else contextlib.nullcontext()):
+        ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=ds_cfg)
     if isinstance(client, ZeroLotusAdamW):
         _or_config_error(client.bind, ds_engine.optimizer)
     return DeepSpeedEngine(ds_engine, client, dist_info, stage)
@@ -163,8 +167,13 @@ class DeepSpeedEngine(Engine):
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global norm of the averaged gradient, before clipping: DeepSpeed clips inside
         ``step`` with ``gradient_clipping``, which ``deepspeed_config`` set to ``max_norm``."""
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+        from deepspeed.runtime.utils import get_global_norm_of_tensors
+
         opt = self.ds.optimizer
-        if self.stage in (1, 2):
+        if isinstance(opt, BF16_Optimizer):  # ZeRO-1, bf16, fp32 accumulation: all-reduced
+            norm = get_global_norm_of_tensors(opt.get_grads_for_norm()[0], mpu=opt.mpu)
+        elif self.stage in (1, 2):
             norm = opt.scaled_global_norm() / opt.loss_scale
         elif self.stage == 3:
             from deepspeed.runtime.utils import combine_grad_norm_groups
@@ -200,12 +209,14 @@ class DeepSpeedEngine(Engine):
 
     def comm_bytes_per_step(self) -> dict[str, int]:
         """Payload per rank per optimizer step: gradients are reduced in full at every
-        stage; ZeRO-1/2 all-gather updated parameters once, ZeRO-3 gathers them for the
-        forward and again for the backward."""
-        params = list(self.raw_model.parameters())
-        numel = sum(_numel(p) for p in params)
+        stage, in ``communication_data_type``; ZeRO-1/2 all-gather updated parameters
+        once, ZeRO-3 gathers them for the forward and again for the backward. Lotus's
+        zero padding at ZeRO-1/2 travels with the rest."""
+        numel = sum(_numel(p) for p in self.raw_model.parameters())
+        if isinstance(self.optimizer, ZeroLotusAdamW):
+            numel += self.optimizer.padding_numel
         width = 2 if self.ds.bfloat16_enabled() else 4
-        out = {"full_gradients": numel * width}
+        out = {"full_gradients": numel * self.ds.communication_data_type.itemsize}
         if self.stage in (1, 2):
             out["parameter_allgathers"] = numel * width
         elif self.stage == 3:

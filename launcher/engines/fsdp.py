@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 import torch
 from torch import nn
@@ -41,8 +42,9 @@ def build_fsdp_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo,
     model = build_model_on_meta(model_cfg).to(param_dtype(cfg.training.dtype))
     sides = (projected_sides(model, o.rank, o.target_modules, o.proj_type)
              if o.name in PROJECTED_OPTIMIZERS else {})
+    bf16 = uses_bf16(cfg, dist_info.device)
     mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                 if cfg.parallel.mixed_precision == "bf16" else MixedPrecisionPolicy())
+                 if bf16 else MixedPrecisionPolicy())
     maybe_compile(model, cfg)  # lazy: compiles each block's call with the hooks added next
     parallelize_llama(model, mesh, lotus_shard_placement(sides, dist_info.world_size),
                       mp_policy, cfg.parallel.activation_checkpointing)
@@ -53,9 +55,19 @@ def build_fsdp_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo,
     comm = FSDPComm(mesh, check_consistency=cfg.parallel.check_consistency)
     optimizer = build_optimizer(o, model, seed=cfg.training.seed, comm=comm)
     engine = FSDPEngine(model, optimizer, dist_info, mesh, accum_steps,
-                        param_bytes=2 if cfg.parallel.mixed_precision == "bf16" else 4)
+                        param_bytes=2 if bf16 else param_dtype(cfg.training.dtype).itemsize,
+                        grad_accumulation=cfg.parallel.fsdp_grad_accumulation)
     engine.clip_consumed = clips_consumed(cfg)
     return engine
+
+
+def uses_bf16(cfg: Config, device: torch.device) -> bool:
+    """Whether FSDP gathers bf16 weights (``parallel.mixed_precision``): bf16 asks for it;
+    auto does on CUDA when the compute is bf16 anyway (``training.dtype`` auto or bf16),
+    so that an explicit fp32 or fp64 run, and any CPU run, keep their dtype."""
+    mp = cfg.parallel.mixed_precision
+    return mp == "bf16" or (mp == "auto" and device.type == "cuda"
+                            and cfg.training.dtype in ("auto", "bf16"))
 
 
 def parallelize_llama(model: Llama, mesh: DeviceMesh,
@@ -87,9 +99,13 @@ def parallelize_llama(model: Llama, mesh: DeviceMesh,
 
 
 class FSDPEngine(Engine):
-    """One step: forward/backward per micro-batch with the gradient reduce-scatter only
-    on the last (earlier ones accumulate unsharded gradients locally), clipping on the
-    global norm of the sharded gradients, then the optimizer on local shards.
+    """One step: forward/backward per micro-batch, each reduce-scattering its gradient
+    into the sharded ``.grad`` (``grad_accumulation="sharded"``), or only the last one,
+    earlier ones summing whole fp32 gradients on every rank (``"unsharded"``); clipping
+    on the global norm of the sharded gradients, then the optimizer on local shards.
+    Either way the gradient is the global batch's mean: the trainer divides each
+    micro-batch's loss by the accumulation steps, and the reduce-scatter averages over
+    ranks, so only the order of the sums differs (sum of averages, or average of sums).
 
     Checkpoints are DCP's sharded state dicts (``Engine.checkpoint_items``): parameters
     and the DTensor optimizer state reshard on load, so a run resumes on any world size.
@@ -98,18 +114,21 @@ class FSDPEngine(Engine):
     name = "fsdp"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dist_info: DistInfo,
-                 mesh: DeviceMesh, accum_steps: int, param_bytes: int) -> None:
+                 mesh: DeviceMesh, accum_steps: int, param_bytes: int,
+                 grad_accumulation: Literal["sharded", "unsharded"]) -> None:
         super().__init__(model, model, optimizer, dist_info)
         self.mesh, self.group = mesh, mesh.get_group()
         self.comm = optimizer.comm if isinstance(optimizer, LotusAdamW) else None  # FSDPComm
         self.accum_steps, self.param_bytes = accum_steps, param_bytes
+        self.grad_accumulation = grad_accumulation
         self.steps = 0  # since this process started: the comm's counts are per session
 
     @contextlib.contextmanager
     def micro_batch(self, last: bool) -> Iterator[None]:
         if self.steps == 0 and self.comm is not None:
             self.comm.bytes.clear()  # drop a checkpoint load's state-initialising step
-        self.model.set_requires_gradient_sync(last)
+        if self.grad_accumulation == "unsharded":
+            self.model.set_requires_gradient_sync(last)
         yield
         self.steps += last
 
@@ -131,7 +150,8 @@ class FSDPEngine(Engine):
         """Per optimizer step, in bytes of the tensors each collective produces or reduces
         (as DDP counts its all-reduce): parameter all-gathers in forward and again in
         backward for every unit resharded after forward, per micro-batch; the gradient
-        reduce-scatter once per step (fp32); and what the Lotus comm measured (low-rank
+        reduce-scatter (in the masters' dtype) per micro-batch, or once per step with
+        unsharded accumulation; and what the Lotus comm measured (low-rank
         all-reduces of the dim-0 fallback matrices, rSVD sketches and svd gathers
         amortised over the steps run, switch statistics)."""
         numel = sum(p.numel() for p in self.model.parameters())
@@ -139,7 +159,9 @@ class FSDPEngine(Engine):
                    for p in m.parameters())
         out = dict.fromkeys(BYTES_KINDS, 0)
         out["param_allgathers"] = self.accum_steps * (2 * numel - head) * self.param_bytes
-        out["full_gradients"] = numel * 4
+        reduce_scatters = self.accum_steps if self.grad_accumulation == "sharded" else 1
+        out["full_gradients"] = reduce_scatters * sum(p.numel() * p.element_size()
+                                                      for p in self.model.parameters())
         if self.comm is not None:
             for kind, total in self.comm.bytes.items():
                 out[kind] += total // max(self.steps, 1)

@@ -87,6 +87,14 @@ def join_one_process_group(device: torch.device, timeout_s: float = 1800.0) -> N
     _made_a_group = True
 
 
+def start_cli_process() -> None:
+    """A CLI command begins: no group of its own yet. An in-process caller (a test, a
+    notebook) may have run an fsdp or deepspeed training before, whose one-process group
+    set the flag; ``exit_process`` must not then end that caller's process."""
+    global _made_a_group
+    _made_a_group = False
+
+
 def made_a_group() -> bool:
     """Whether ``init_distributed`` created a process group in this process."""
     return _made_a_group

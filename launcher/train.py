@@ -26,6 +26,7 @@ from launcher.distributed import (
     init_distributed,
     is_grouped,
     made_a_group,
+    start_cli_process,
     teardown,
 )
 from launcher.engines import build_engine
@@ -107,6 +108,7 @@ def main(config_path: str | None, overrides: list[str]) -> None:
     a crash included, leaves through ``exit_process``, so no rank can hang or abort in
     interpreter shutdown after it is done."""
     alive: list[object] = []
+    start_cli_process()
     try:
         cfg = load_config(config_path, overrides)
         run(cfg, keep_alive=alive)

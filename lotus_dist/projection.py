@@ -8,13 +8,18 @@ orthonormal columns, where d is the dimension being compressed:
 
 ``proj_type="std"`` picks the side that compresses the smaller dimension, as GaLore's
 ``std`` type does (m >= n -> right). All basis maths runs in fp32 whatever the
-gradient dtype.
+gradient dtype. On CUDA, projections and back-projections may use TF32 tensor cores (R
+only feeds Adam, whose update is normalised), while the bases are computed in full fp32
+(``matmul_precision``): TF32's 10-bit mantissa would blur the small singular values an
+rSVD separates, whatever the process-wide setting.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +30,29 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJECTIONS = ("svd", "rsvd", "random", "grassmann")
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """CUDA fp32 matmuls as ``precision`` ("tf32" or "ieee") inside the block, then back
+    to what the process had; no effect on CPU matmuls."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = saved
+
+
+def _with_precision(precision: str) -> Callable[[Callable], Callable]:
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with matmul_precision(precision):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -48,12 +76,14 @@ def projected_dim(shape: tuple[int, int] | torch.Size, side: str) -> int:
     return shape[0] if side == "left" else shape[1]
 
 
+@_with_precision("tf32")
 def project(grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
     """Low-rank coordinates of ``grad`` in ``basis`` (in the compute dtype)."""
     g = upcast(grad)
     return basis.T @ g if side == "left" else g @ basis
 
 
+@_with_precision("tf32")
 def project_back(low_rank: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
     """Map low-rank coordinates back to the weight's shape (in the compute dtype)."""
     return basis @ low_rank if side == "left" else low_rank @ basis.T
@@ -143,6 +173,7 @@ class RsvdComm:
         return q if self.rows is None else q[self.rows]
 
 
+@_with_precision("ieee")
 def rsvd_basis(
     grad: torch.Tensor,
     rank: int,
@@ -261,6 +292,7 @@ def random_basis(d: int, rank: int, generator: torch.Generator,
     return orthonormalize(draw((d, rank), generator, device, dtype))
 
 
+@_with_precision("ieee")
 def grassmann_step(basis: torch.Tensor, step: float, generator: torch.Generator) -> torch.Tensor:
     """A random geodesic step on the Grassmannian from ``basis`` (GrassWalk).
 
@@ -294,6 +326,7 @@ def subspace_error(basis: torch.Tensor, reference: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(b - e @ (e.T @ b), ord=2))
 
 
+@_with_precision("ieee")
 def orthogonal_sketch(basis: torch.Tensor, width: int, generator: torch.Generator) -> torch.Tensor:
     """A d x s test matrix S with E[S S^T] = I - B B^T, for ``basis`` B (d x r).
 

@@ -99,3 +99,33 @@ def test_grassmann_step_moves_by_the_requested_largest_angle():
     torch.testing.assert_close(moved.T @ moved, torch.eye(6), atol=1e-5, rtol=0)
     cosines = torch.linalg.svdvals(basis.T @ moved)  # cosines of the principal angles
     assert math.isclose(float(torch.arccos(cosines.min().clamp(max=1))), 0.3, abs_tol=1e-3)
+
+
+def test_projections_may_use_tf32_and_bases_never_do(monkeypatch):
+    """Whatever the process chose, R is formed with TF32 allowed and the rSVD in full
+    fp32 (on CUDA; the flag is read by CUDA matmuls only)."""
+    import lotus_dist.projection as projection
+
+    seen = {}
+    plain_upcast, plain_orth = projection.upcast, projection.orthonormalize
+
+    def recording_upcast(t):
+        seen["project"] = torch.backends.cuda.matmul.fp32_precision
+        return plain_upcast(t)
+
+    def recording_orth(t):
+        seen["rsvd"] = torch.backends.cuda.matmul.fp32_precision
+        return plain_orth(t)
+
+    monkeypatch.setattr(projection, "upcast", recording_upcast)
+    monkeypatch.setattr(projection, "orthonormalize", recording_orth)
+    before = torch.backends.cuda.matmul.fp32_precision
+    grad = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    for process_wide in ("tf32", "ieee"):
+        torch.backends.cuda.matmul.fp32_precision = process_wide
+        basis = projection.rsvd_basis(grad, 4, "right", oversample=4, power_iters=1,
+                                      generator=refresh_generator(0, 0, 0))
+        projection.project(grad, basis, "right")
+        assert seen == {"project": "tf32", "rsvd": "ieee"}
+        assert torch.backends.cuda.matmul.fp32_precision == process_wide  # restored
+    torch.backends.cuda.matmul.fp32_precision = before

@@ -42,6 +42,7 @@ from launcher.config import Config, ConfigError
 from launcher.distributed import DistInfo, join_one_process_group
 from launcher.engines.base import Engine, param_dtype
 from launcher.optimizer import build_optimizer
+from lotus_dist.comm import DataParallelComm
 from lotus_dist.deepspeed import PartitionLayoutError, ZeroLotusAdamW
 from lotus_dist.model import LlamaConfig, build_model
 
@@ -121,7 +122,10 @@ def build_deepspeed_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistI
     model = build_model(model_cfg, device=dist_info.device, seed=cfg.training.seed,
                         dtype=param_dtype(cfg.training.dtype))
     maybe_compile(model, cfg)
-    optimizer = build_optimizer(cfg.optim, model, seed=cfg.training.seed)
+    # ZeRO-0 replicates every matrix: like plain DDP, the replicas average their switch
+    # statistics and keep rank 0's bases, so they cannot drift apart on mixed GPUs
+    comm = DataParallelComm() if stage == 0 and dist_info.world_size > 1 else None
+    optimizer = build_optimizer(cfg.optim, model, seed=cfg.training.seed, comm=comm)
     if isinstance(optimizer, torch.optim.AdamW):
         client: torch.optim.Optimizer = optimizer
     else:

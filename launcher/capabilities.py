@@ -97,6 +97,8 @@ OPTIONS: tuple[Option, ...] = (
            "parallel.lowrank_comm=false (or use parallel.engine=fsdp)", PROJECTED_OPTIMIZERS),
     Option("parallel.mixed_precision=bf16", lambda c, ds: c.parallel.mixed_precision == "bf16",
            ("fsdp",), "it is FSDP2's MixedPrecisionPolicy; elsewhere set training.dtype=bf16"),
+    Option("parallel.fsdp_shard_bases=false", lambda c, ds: not c.parallel.fsdp_shard_bases,
+           ("fsdp",), "only FSDP shards bases; remove it"),
     Option("parallel.activation_checkpointing=true",
            lambda c, ds: c.parallel.activation_checkpointing, _ALL_BUT(*_DEEPSPEED),
            "the deepspeed engine does not apply it: use parallel.engine=fsdp or ddp, or set "

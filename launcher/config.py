@@ -293,6 +293,11 @@ class ParallelConfig:
     """Recompute each block's activations in backward to save memory."""
     deepspeed_config: str | None = None
     """DeepSpeed JSON (configs/deepspeed/*.json); the batch sizes come from training.*."""
+    fsdp_shard_bases: bool = True
+    """fsdp: keep each rank's rows of every projection basis, so bases cost 1/W per rank
+    like the rest of the optimizer state; each matrix then all-gathers its basis (d x r)
+    when it projects and when it updates. false keeps every basis whole on every rank
+    (3.5 GiB per rank at 7b rank 1024) and gathers nothing."""
     timeout_s: float = 1800.0
     """Seconds a collective may wait for a rank before the job fails (so torchrun or SLURM
     can restart it) instead of hanging on a stopped or dead rank."""

@@ -32,7 +32,7 @@ from torch import nn
 
 from lotus_dist.comm import DataParallelComm
 from lotus_dist.optim import LotusAdamW
-from lotus_dist.precision import upcast
+from lotus_dist.precision import upcast, without_autocast
 from lotus_dist.projection import RsvdComm, project
 
 
@@ -147,6 +147,7 @@ class LowRankReducer:
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
+    @without_autocast
     def _on_grad_ready(self, p: torch.Tensor) -> None:
         """Project (or take whole) the final gradient of ``p`` and queue its all-reduce.
         A matrix due for a refresh is left for the optimizer's distributed rSVD."""

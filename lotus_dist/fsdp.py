@@ -125,6 +125,8 @@ class FSDPComm(DataParallelComm):
         mesh: the 1-D data-parallel mesh FSDP shards over.
         check_consistency: after every step, all-gather checksums of all bases and stop
             with ``InconsistentBasisError`` naming a matrix the ranks disagree on.
+        shard_bases: keep each rank's rows of every basis (``store_basis``); False keeps
+            them whole on every rank, trading 1/W basis memory for no basis gathers.
 
     ``bytes`` counts what this class puts into collectives, by kind, for the engine's
     per-step accounting (FSDP's own all-gathers and reduce-scatters are not in it).
@@ -132,11 +134,13 @@ class FSDPComm(DataParallelComm):
 
     exposes_full_grad = True
 
-    def __init__(self, mesh: DeviceMesh, *, check_consistency: bool = False) -> None:
+    def __init__(self, mesh: DeviceMesh, *, check_consistency: bool = False,
+                 shard_bases: bool = True) -> None:
         if mesh.ndim != 1:
             raise ValueError(f"FSDPComm needs a 1-D data-parallel mesh, got {mesh.ndim}-D")
         super().__init__(mesh.get_group(), check_consistency=check_consistency)
         self.mesh = mesh
+        self.shard_bases = shard_bases
         self._layouts: dict[torch.Tensor, ShardLayout] = {}
 
     def layout(self, p: torch.Tensor, side: str) -> ShardLayout:
@@ -204,6 +208,8 @@ class FSDPComm(DataParallelComm):
         projection keeps gathers the whole basis when it projects or updates (one at a
         time, freed after use, counted as ``bases``); a dim-0 fallback matrix only ever
         needs its own rows, which are exactly this shard."""
+        if not self.shard_bases:  # whole on every rank: no gathers, W times the memory
+            return basis
         d, r = basis.shape
         chunk = math.ceil(d / self.world)
         start = min(self.mesh.get_local_rank() * chunk, d)

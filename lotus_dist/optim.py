@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lotus_dist.comm import LocalComm, local_view, partial_dot
-from lotus_dist.precision import compute_dtype, upcast
+from lotus_dist.precision import compute_dtype, no_autocast, upcast, without_autocast
 from lotus_dist.projection import (
     PROJ_TYPES,
     PROJECTIONS,
@@ -178,11 +178,13 @@ class LotusAdamW(torch.optim.Optimizer):
         if not self._prepared and not self.prepare():
             return loss
         self._prepared = False
-        self._update([(g, p) for g in self.param_groups for p in g["params"]
-                      if p.grad is not None])
+        with no_autocast():  # the closure's forward keeps the caller's autocast
+            self._update([(g, p) for g in self.param_groups for p in g["params"]
+                          if p.grad is not None])
         return loss
 
     @torch.no_grad()
+    @without_autocast
     def prepare(self) -> bool:
         """First half of a step: check the gradients, refresh the bases that are due and
         project, so that the low-rank gradients the update will consume are known.
@@ -245,7 +247,8 @@ class LotusAdamW(torch.optim.Optimizer):
     def _update(self, items: list[tuple[dict, torch.Tensor]]) -> None:
         """Update parameters; switch statistics of all matrices share one reduce, and the
         elementwise Adam work of all parameters of a group runs as one foreach kernel per
-        operation (``foreach``), so 224 matrices do not mean 224 launches per op."""
+        operation (``foreach``), so 224 matrices do not mean 224 launches per op. Each
+        projected matrix's full-size update is applied as soon as it is formed."""
         lowrank, plain = [], []
         for group, p in items:
             if "rank" in group:
@@ -266,9 +269,8 @@ class LotusAdamW(torch.optim.Optimizer):
         for (group, p, r), grad, s in zip(lowrank, grads, reduced):
             SWITCH_POLICIES[group["switch"]].decide(group, self.state[p], r, grad, s)
             _init_moments(self.state[p], r)
-        directions = self._adam_directions([(g, self.state[p], r) for g, p, r in lowrank])
-        updates = self._lowrank_updates(lowrank, directions)
-        self._apply_updates([(g, p, u) for (g, p, _), u in zip(lowrank, updates)])
+        self._apply_lowrank(lowrank, self._adam_directions(
+            [(g, self.state[p], r) for g, p, r in lowrank]))
 
     def _consumed_grad(self, group: dict, p: torch.Tensor) -> ConsumedGrad:
         """What a switch policy may read of ``p``'s gradient (nothing under low-rank DDP)."""
@@ -360,28 +362,36 @@ class LotusAdamW(torch.optim.Optimizer):
         m.copy_(m_new)
         v.copy_(v_new)
 
-    def _lowrank_updates(self, lowrank: list[tuple[dict, torch.Tensor, torch.Tensor]],
-                         directions: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The full-size update of each ``p`` (its local part) from Adam's low-rank
-        direction N, plus the recovery term where the group asks for it; the recovery
-        terms' norms share one reduce and one host copy."""
-        updates, recovery = [], []
-        for (group, p, r), norm_r in zip(lowrank, directions):
+    def _apply_lowrank(self, lowrank: list[tuple[dict, torch.Tensor, torch.Tensor]],
+                       directions: list[torch.Tensor]) -> None:
+        """Update each projected ``p`` (its local part) from Adam's low-rank direction N,
+        one matrix at a time, so that only one full-size update exists at once. The
+        recovery terms' norms share one reduce and one host copy: a first pass computes
+        each term's squared norm and drops the term, the second recomputes it (cheaper
+        than holding every matrix's full-size term until the reduce)."""
+        recovery = [i for i, (group, _, _) in enumerate(lowrank) if group["recovery_scaling"]]
+        norms: dict[int, float] = {}
+        if recovery:
+            sq = torch.stack([partial_dot(t, t) for t in
+                              (self._recovery(*lowrank[i], directions[i]) for i in recovery)])
+            norms = dict(zip(recovery, self.comm.norm_sq_reduce(sq).sqrt().tolist()))
+        for i, ((group, p, r), norm_r) in enumerate(zip(lowrank, directions)):
             state = self.state[p]
             side = projection_side(p.shape, group["proj_type"])
-            basis = state["basis"]
-            updates.append(self.comm.project_back(p, norm_r, basis, side).mul_(group["scale"]))
-            if group["recovery_scaling"]:
+            update = self.comm.project_back(p, norm_r, state["basis"], side).mul_(group["scale"])
+            if i in norms:
                 # Fira adds the residual term without GaLore's scale (docs/algorithm.md)
-                residual = upcast(local_view(p.grad)) - self.comm.project_back(p, r, basis, side)
-                term = _recovery_term(residual, local_view(r), local_view(norm_r), side)
-                recovery.append((len(updates) - 1, group, state, term))
-        if recovery:
-            sq = torch.stack([partial_dot(term, term) for *_, term in recovery])
-            norms = self.comm.norm_sq_reduce(sq).sqrt().tolist()
-            for (i, group, state, term), norm in zip(recovery, norms):
-                updates[i] += _limit_recovery(group, state, term, norm)
-        return updates
+                term = self._recovery(group, p, r, norm_r)
+                update += _limit_recovery(group, state, term, norms[i])
+            _apply_update(group, p, state, update)
+
+    def _recovery(self, group: dict, p: torch.Tensor, r: torch.Tensor,
+                  norm_r: torch.Tensor) -> torch.Tensor:
+        """The recovery term of ``p`` before its limiter (``_recovery_term``)."""
+        side = projection_side(p.shape, group["proj_type"])
+        residual = upcast(local_view(p.grad)) - self.comm.project_back(p, r, self.state[p]["basis"],
+                                                                        side)
+        return _recovery_term(residual, local_view(r), local_view(norm_r), side)
 
     def _adam_directions(self, items: list[tuple[dict, dict, torch.Tensor]]
                          ) -> list[torch.Tensor]:
@@ -449,6 +459,7 @@ class LotusAdamW(torch.optim.Optimizer):
                 for p in self._all_params() if p.requires_grad]
 
     @torch.no_grad()
+    @without_autocast
     def _per_layer_hook(self, p: torch.Tensor) -> None:
         if not self.accumulation_boundary:
             return

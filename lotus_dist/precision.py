@@ -7,7 +7,14 @@ difference.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
 import torch
+
+F = TypeVar("F", bound=Callable)
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -18,3 +25,20 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 def upcast(t: torch.Tensor) -> torch.Tensor:
     """``t`` in its compute dtype (no copy when it already is)."""
     return t.to(compute_dtype(t))
+
+
+@contextlib.contextmanager
+def no_autocast() -> Iterator[None]:
+    """Autocast off on CUDA and CPU: optimizer maths must not be cast to bf16 because a
+    caller stepped inside its forward's autocast region."""
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        yield
+
+
+def without_autocast(fn: F) -> F:
+    """Run ``fn`` with autocast off (``no_autocast``)."""
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        with no_autocast():
+            return fn(*args, **kwargs)
+    return inner  # type: ignore[return-value]

@@ -37,6 +37,7 @@ TURN_ON: dict[str, tuple[list[str], dict]] = {
     "optim.recovery_scaling=true": (["optim.recovery_scaling=true"], {}),
     "parallel.mixed_precision=bf16": (["parallel.mixed_precision=bf16"], {}),
     "parallel.activation_checkpointing=true": (["parallel.activation_checkpointing=true"], {}),
+    "parallel.fsdp_shard_bases=false": (["parallel.fsdp_shard_bases=false"], {}),
     "parallel.check_consistency=true": (["parallel.check_consistency=true"], {}),
     "zero_optimization.offload_optimizer":
         ([], {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}),

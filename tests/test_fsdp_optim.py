@@ -130,7 +130,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _sharded_toy(mesh, world: int, options: dict[str, Any], check_consistency: bool = False):
+def _sharded_toy(mesh, world: int, options: dict[str, Any], check_consistency: bool = False,
+                 shard_bases: bool = True):
     from torch.distributed.fsdp import fully_shard
 
     from lotus_dist.fsdp import FSDPComm, lotus_shard_placement, projected_sides
@@ -143,7 +144,8 @@ def _sharded_toy(mesh, world: int, options: dict[str, Any], check_consistency: b
     fully_shard(model, mesh=mesh, shard_placement_fn=placement)
     model.to_empty(device="cpu")
     model.init_weights()
-    opt = make_optimizer(model, options, FSDPComm(mesh, check_consistency=check_consistency))
+    opt = make_optimizer(model, options, FSDPComm(mesh, check_consistency=check_consistency,
+                                                   shard_bases=shard_bases))
     return model, opt
 
 
@@ -169,6 +171,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         out[name] = train(model, opt, range(STEPS), rank, world)
         out[name]["final"] = snapshot(model, opt)
     out["shard_dims"] = {n: p.placements[0].dim for n, p in model.named_parameters()}
+
+    # Bases kept whole on every rank instead of sharded by rows: the same run.
+    model, opt = _sharded_toy(mesh, world, SCENARIOS["lotus"], shard_bases=False)
+    out["whole_bases"] = train(model, opt, range(STEPS), rank, world)
+    out["whole_bases"]["final"] = snapshot(model, opt)
+    out["whole_bases"]["distributed"] = any(isinstance(s["basis"], DTensor)
+                                            for s in opt.state.values() if "basis" in s)
     out["local_shapes"] = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
 
     # Resume: 2 ranks save a sharded checkpoint mid-run, 4 ranks load it and go on.
@@ -378,3 +387,14 @@ def test_memory_per_rank_falls_as_one_over_world_size(single, sharded, world):
         for kind in ("weights", "gradients", "optimizer_state", "bases"):
             assert got[kind] * world == one[kind], kind  # tiny's sizes divide 2 and 4
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_whole_bases_give_the_same_run_as_sharded_ones(sharded, world):
+    for r in sharded[world]:
+        whole, rows = r["whole_bases"], r["lotus"]
+        assert not whole["distributed"]
+        assert whole["losses"] == rows["losses"] and whole["refreshes"] == rows["refreshes"]
+        for key, value in rows["final"].items():
+            assert torch.equal(whole["final"][key], value), key

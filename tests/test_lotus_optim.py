@@ -537,3 +537,19 @@ def test_momentum_displacement_equals_its_definition():
                                                                           for e in expected)
     for e, got in zip(expected, metrics):
         assert math.isclose(e, got, rel_tol=1e-4)
+
+
+def test_a_step_inside_an_autocast_region_keeps_fp32_maths():
+    """The optimizer's maths ignore a caller's autocast: stepping inside the forward's
+    bf16 region gives the same weights as stepping outside it."""
+    def run(inside: bool) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(24, 12, generator=gen))
+        opt = LotusAdamW([{"params": [w], "rank": 4, "update_proj_gap": 2}], lr=1e-2)
+        for _ in range(3):
+            w.grad = torch.randn(w.shape, generator=gen)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+                opt.step()
+        return w.detach()
+
+    assert torch.equal(run(inside=True), run(inside=False))

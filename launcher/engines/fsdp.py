@@ -52,7 +52,8 @@ def build_fsdp_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo,
     # (seed, name): the weights equal a single process's at any world size.
     model.to_empty(device=dist_info.device)
     model.init_weights(cfg.training.seed)
-    comm = FSDPComm(mesh, check_consistency=cfg.parallel.check_consistency)
+    comm = FSDPComm(mesh, check_consistency=cfg.parallel.check_consistency,
+                    shard_bases=cfg.parallel.fsdp_shard_bases)
     optimizer = build_optimizer(o, model, seed=cfg.training.seed, comm=comm)
     engine = FSDPEngine(model, optimizer, dist_info, mesh, accum_steps,
                         param_bytes=2 if bf16 else param_dtype(cfg.training.dtype).itemsize,

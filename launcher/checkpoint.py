@@ -568,32 +568,47 @@ def resolve_resume(ckpt_dir: str | Path, resume: str) -> Path | None:
 
 
 class RNGState(Stateful):
-    """Python, torch CPU and (if present) CUDA generator states, as tensors.
+    """Python, torch CPU and CUDA generator states.
 
     Put an instance under ``state["rng"]``: saving captures the generators, loading
     restores them. Python's Mersenne Twister state (version, 624 words, position) fits
     int64; the cached Gaussian of ``random.gauss`` is kept as (present, value).
+
+    The keys are the same with and without CUDA, because the strict load planner refuses a
+    checkpoint whose keys differ from the run's, and a GPU checkpoint must resume on a CPU
+    host and the other way round. ``cuda_all`` holds one state per visible GPU (empty
+    without CUDA) as lists of byte values: a DCP byte entry, whose length, unlike a
+    tensor's shape, may differ between the saving and the loading process. (Its name is
+    not the ``cuda`` of earlier checkpoints, a tensor, so those are refused with the
+    planner's clear key mismatch rather than a type error.)
     """
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, Any]:
         version, words, gauss_next = random.getstate()
-        state = {
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {
             "python": torch.tensor([version, *words], dtype=torch.int64),
             "python_gauss": torch.tensor(
                 [gauss_next is not None, gauss_next or 0.0], dtype=torch.float64),
             "torch": torch.get_rng_state(),
+            "cuda_all": [s.tolist() for s in cuda],
         }
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state()
-        return state
 
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore every generator; the CUDA ones only if the checkpoint has one state per
+        GPU this process sees (else they keep their seeded state, with a warning)."""
         version, *words = state_dict["python"].tolist()
         has_gauss, gauss = state_dict["python_gauss"].tolist()
         random.setstate((version, tuple(words), gauss if has_gauss else None))
         torch.set_rng_state(state_dict["torch"].cpu())
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state_dict["cuda"].cpu())
+        saved = state_dict["cuda_all"]
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if saved and len(saved) == visible:
+            torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in saved])
+        elif saved or visible:
+            warnings.warn(f"the checkpoint has CUDA RNG states for {len(saved)} GPU(s) and "
+                          f"this process sees {visible}: the CUDA generators are not "
+                          "restored and keep their seeded state", stacklevel=2)
 
 
 # ------------------------------------------------------------------ load checks

@@ -27,7 +27,8 @@ class DistInfo:
     local_rank: int
     """Rank on this node (selects the GPU)."""
     device: torch.device
-    """cuda:local_rank when CUDA is available, else cpu."""
+    """This rank's GPU (cuda:local_rank, or cuda:0 under per-rank CUDA_VISIBLE_DEVICES)
+    when CUDA is available, else cpu."""
 
     @property
     def is_main(self) -> bool:
@@ -45,11 +46,12 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     the job instead of hanging it, so torchrun or SLURM can restart it
     (``parallel.timeout_s``).
     """
+    _refuse_bare_srun()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        device = _local_gpu(local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -62,6 +64,35 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
                                 timeout=_timeout)
         _made_a_group = True
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def _refuse_bare_srun() -> None:
+    """Stop ``srun -n N python -m launcher train`` (no torchrun) before it starts N
+    independent single-process runs that share one run dir and overwrite each other."""
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    if tasks > 1 and "WORLD_SIZE" not in os.environ:
+        raise RuntimeError(
+            f"started as one of {tasks} srun tasks without torchrun (SLURM_STEP_NUM_TASKS="
+            f"{tasks}, WORLD_SIZE unset): each task would train alone into the same run dir. "
+            "Submit slurm/train.sbatch, which starts torchrun once per node, or run "
+            "torchrun yourself in each srun task.")
+
+
+def _local_gpu(local_rank: int) -> torch.device:
+    """This rank's GPU: cuda:LOCAL_RANK when each rank sees every GPU of its node (torchrun's
+    way), cuda:0 when CUDA_VISIBLE_DEVICES binds each rank to one GPU (SLURM's
+    --gpus-per-task, --gpu-bind). Refused when the node runs more ranks than it has GPUs,
+    which would otherwise fail later as an 'invalid device ordinal'."""
+    count = torch.cuda.device_count()
+    if count == 1 and os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return torch.device("cuda", 0)
+    if local_rank >= count:
+        raise RuntimeError(
+            f"LOCAL_RANK={local_rank}, but this process sees {count} GPU(s): more ranks per "
+            f"node than GPUs. Start at most {count} rank(s) per node (torchrun "
+            f"--nproc_per_node={count}; slurm/train.sbatch starts one per GPU of "
+            "--gpus-per-node), or bind one GPU to each rank with CUDA_VISIBLE_DEVICES.")
+    return torch.device("cuda", local_rank)
 
 
 #: Set once ``init_distributed`` or ``join_one_process_group`` has created a process

@@ -41,7 +41,7 @@ from lotus_dist.optim import LotusAdamW
 
 #: Group keys that describe members rather than hyperparameters.
 _MEMBER_KEYS = ("params", "param_names")
-#: Columns of the telemetry table that ``sync_telemetry`` reduces.
+#: Columns of the telemetry table that ``telemetry`` reduces.
 _TELEMETRY_FIELDS = ("refresh_count", "steps_since_refresh", "switch_metric", "energy",
                      "refresh_interval_min", "refresh_interval_mean", "refresh_interval_max")
 
@@ -81,8 +81,7 @@ class ZeroLotusAdamW(LotusAdamW):
         self._views: list[list[tuple[torch.Tensor, int | None]]] = []
         self._view_names: list[list[str] | None] = []
         self._sharded = False
-        self._table_device: torch.device | None = None  # where sync_telemetry reduces
-        self._telemetry: dict[str, dict[str, float]] = {}
+        self._table_device: torch.device | None = None  # where telemetry() reduces
 
     @classmethod
     def from_lotus(cls, optimizer: LotusAdamW) -> ZeroLotusAdamW:
@@ -302,37 +301,27 @@ class ZeroLotusAdamW(LotusAdamW):
             loaded = self.param_groups  # torch rebuilt the group dicts from the saved ones
         for ds_group, group in zip(self._ds_groups, loaded):
             ds_group.update({k: v for k, v in group.items() if k not in _MEMBER_KEYS})
-        self.sync_telemetry()
 
     def telemetry(self) -> dict[str, dict[str, float]]:
-        """Per projected matrix, over all ranks (as of the last ``sync_telemetry``)."""
+        """Per projected matrix, over all ranks. At ZeRO-1/2 on several ranks a matrix's
+        numbers live on its owner only, so this is a collective: every rank must call it
+        at the same points (the trainer does, on log steps and for its summary)."""
         if self._ds_groups is None:
             return super().telemetry()
-        return dict(self._telemetry)
-
-    def sync_telemetry(self) -> None:
-        """Collect every matrix's telemetry from its owner; collective at ZeRO-1/2, so call
-        it on every rank after each optimizer step (the engine does)."""
         with self._matrix_view():
             local = super().telemetry()
         if not self._sharded:
-            self._telemetry = local
-            return
-        table = torch.zeros(len(self._projected_names), 1 + len(_TELEMETRY_FIELDS),
-                            dtype=torch.float64, device=self._table_device)
-        for row, name in enumerate(self._projected_names):
-            if name in local:
-                table[row] = torch.tensor([1.0, *(local[name][f] for f in _TELEMETRY_FIELDS)],
-                                          dtype=torch.float64, device=table.device)
-        sum_over_ranks(table)  # one owner per matrix: the sum is the owner's row
-        self._telemetry = {
-            name: {f: (int(v) if f in ("refresh_count", "steps_since_refresh") else float(v))
-                   for f, v in zip(_TELEMETRY_FIELDS, row[1:].tolist())}
-            for name, row in zip(self._projected_names, table) if row[0] > 0}
-
-    def telemetry_bytes(self) -> int:
-        """Bytes ``sync_telemetry`` all-reduces per step (0 where nothing is sharded)."""
-        return len(self._projected_names) * (1 + len(_TELEMETRY_FIELDS)) * 8 if self._sharded else 0
+            return local
+        # built on the host and moved once each way: one host sync, not one per matrix
+        width = 1 + len(_TELEMETRY_FIELDS)
+        table = torch.tensor([[1.0, *(local[name][f] for f in _TELEMETRY_FIELDS)]
+                              if name in local else [0.0] * width
+                              for name in self._projected_names], dtype=torch.float64)
+        # one owner per matrix: the sum is the owner's row
+        rows = sum_over_ranks(table.to(self._table_device)).cpu().tolist()
+        return {name: {f: (int(v) if f in ("refresh_count", "steps_since_refresh") else v)
+                       for f, v in zip(_TELEMETRY_FIELDS, row[1:])}
+                for name, row in zip(self._projected_names, rows) if row[0] > 0}
 
 
 def _named_members(group: dict[str, Any]) -> list[tuple[str | None, torch.Tensor]]:

@@ -140,8 +140,14 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, H, T, head_dim] by the position angles; cos/sin are [T, head_dim]."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate x [B, H, T, head_dim] by the position angles; cos/sin are [T, head_dim].
+
+    The rotation runs in the tables' precision (fp32, fp64 in an fp64 model) and the
+    result is cast back to x's dtype once: in bf16, tables and products would each round
+    to 3 digits, on every position's angle."""
+    dtype = torch.promote_types(x.dtype, cos.dtype)
+    x_up = x.to(dtype)
+    return (x_up * cos + rotate_half(x_up) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -219,8 +225,8 @@ class Llama(nn.Module):
         if seq_len > max_seq_len:
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {max_seq_len}")
         h = self.embed_tokens(tokens)
-        cos = self.rope_cos[:seq_len].to(h.dtype)
-        sin = self.rope_sin[:seq_len].to(h.dtype)
+        # at least fp32, even where the module itself was cast to bf16 (DeepSpeed's bf16)
+        cos, sin = upcast(self.rope_cos[:seq_len]), upcast(self.rope_sin[:seq_len])
         for layer in self.layers:
             h = layer(h, cos, sin)
         return upcast(self.lm_head(self.norm(h)))

@@ -3,6 +3,9 @@
 import os
 import random
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +110,64 @@ def test_rng_state_round_trip_continues_the_same_streams(tmp_path):
     got = (random.random(), random.gauss(0, 1), torch.rand(3))
     assert got[:2] == expected[:2]
     assert torch.equal(got[2], expected[2])
+
+
+@contextmanager
+def fake_cuda(count: int, first: int = 0) -> Iterator[list[list[torch.Tensor]]]:
+    """torch.cuda with ``count`` GPUs, GPU i's generator state all bytes ``first + i``;
+    yields the lists given to ``set_rng_state_all``, which restores nothing. Only around
+    RNGState: DCP's writer takes a faked CUDA for real and fails."""
+    restored: list[list[torch.Tensor]] = []
+    states = [torch.full((16,), first + i, dtype=torch.uint8) for i in range(count)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: count > 0)
+        patch.setattr(torch.cuda, "device_count", lambda: count)
+        patch.setattr(torch.cuda, "get_rng_state_all", lambda: list(states))
+        patch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+        yield restored
+
+
+def rng_checkpoint(tmp_path, gpus: int) -> Path:
+    """A checkpoint of the RNG state of a process that sees ``gpus`` GPUs."""
+    with fake_cuda(gpus):
+        state = RNGState().state_dict()
+    return save(tmp_path, 1, {"rng": state})
+
+
+def test_rng_state_has_the_same_keys_with_and_without_cuda():
+    """The strict load planner refuses differing keys: a GPU checkpoint must resume on a
+    CPU host and the other way round."""
+    with fake_cuda(2):
+        with_cuda = RNGState().state_dict()
+    with fake_cuda(0):
+        without = RNGState().state_dict()
+    assert with_cuda.keys() == without.keys()
+    assert with_cuda["cuda_all"] == [[0] * 16, [1] * 16] and without["cuda_all"] == []
+
+
+def test_cuda_rng_states_of_every_gpu_are_restored(tmp_path):
+    path = rng_checkpoint(tmp_path, 2)
+    with fake_cuda(2, first=7) as restored:
+        load(path, {"rng": RNGState()})
+    [states] = restored
+    assert [s.dtype for s in states] == [torch.uint8] * 2
+    assert torch.equal(torch.stack(states), torch.tensor([[0] * 16, [1] * 16]))
+
+
+@pytest.mark.parametrize(("saved_on", "loaded_on"), [(2, 0), (0, 2), (2, 1)])
+def test_cuda_rng_states_for_other_gpus_are_skipped_with_a_warning(
+        tmp_path, saved_on, loaded_on):
+    """GPU to CPU, CPU to GPU, or another GPU count: the run resumes, the CPU and Python
+    generators exactly, and the CUDA ones keep their seeded state."""
+    torch.manual_seed(3)
+    path = rng_checkpoint(tmp_path, saved_on)
+    expected = torch.rand(3)
+    torch.manual_seed(4)
+    with fake_cuda(loaded_on) as restored, \
+            pytest.warns(UserWarning, match=f"for {saved_on} GPU.*sees {loaded_on}"):
+        load(path, {"rng": RNGState()})
+    assert torch.equal(torch.rand(3), expected)
+    assert restored == []
 
 
 def test_saved_checkpoint_has_marker_and_no_scratch_dirs(tmp_path):

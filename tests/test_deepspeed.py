@@ -256,6 +256,23 @@ def test_batch_keys_are_filled_from_training():
     assert deepspeed_config(config(zero(1)), 1, CPU.device)["bf16"]["enabled"] is False
 
 
+@pytest.mark.parametrize(("json_text", "dtype", "want"), [
+    ('{"zero_optimization": {"stage": 2}}', "bf16", ("fp32", "fp32")),
+    ('{"zero_optimization": {"stage": 1}, "data_types": {}}', "bf16", ("fp32", "fp32")),
+    ('{"zero_optimization": {"stage": 0}}', "bf16", ("fp32", None)),  # DeepSpeed refuses it
+    ('{"zero_optimization": {"stage": 2}}', "fp32", ("fp32", None)),
+    ('{"zero_optimization": {"stage": 2}, "communication_data_type": "bf16", '
+     '"data_types": {"grad_accum_dtype": "bf16"}}', "bf16", ("bf16", "bf16")),  # kept
+])
+def test_fp32_reduction_and_accumulation_are_the_default(tmp_path, json_text, dtype, want):
+    path = tmp_path / "ds.json"
+    path.write_text(json_text)
+    cfg = config(f"parallel.deepspeed_config={path}", f"training.dtype={dtype}")
+    ds = deepspeed_config(cfg, 1, CPU.device)
+    assert (ds["communication_data_type"],
+            ds.get("data_types", {}).get("grad_accum_dtype")) == want
+
+
 @pytest.mark.parametrize(("json_text", "message"), [
     ('{"train_batch_size": 64}', "train_batch_size=64 disagrees with training.batch_size"),
     ('{"bf16": {"enabled": true}}', "bf16.enabled=True disagrees with training.dtype"),
@@ -401,7 +418,6 @@ def test_every_rank_steps_whole_matrices_and_together_they_equal_one_process(wor
                 (partition,) = group["params"]
                 partition.grad = flat.view(world_size, -1)[rank].clone()
             opt.step()
-            opt.sync_telemetry()
 
     owned = [opt.telemetry() for opt, _ in ranks]
     assert sum(len(t) for t in owned) == 28  # each matrix stepped by one rank
@@ -417,6 +433,43 @@ def test_every_rank_steps_whole_matrices_and_together_they_equal_one_process(wor
             else:
                 torch.testing.assert_close(got.view(want[name].shape), want[name].detach(),
                                            msg=name)
+
+
+def test_sharded_telemetry_is_one_host_sync_and_holds_the_owners_rows(monkeypatch, one_thread):
+    """Rank 0 of 2 at ZeRO-1/2 on a one-rank gloo group (whose all-reduce is the identity,
+    so the table holds this rank's rows): ``telemetry`` reduces one table built on the
+    host, with one device-to-host copy however many matrices, and reports exactly the
+    matrices this rank owns, as one process stepping them would."""
+    from launcher.bench.optimizer import count_host_syncs
+    from launcher.distributed import join_one_process_group
+
+    join_one_process_group(CPU.device)
+    model, reference = tiny_lotus()
+    rank_model, lotus = tiny_lotus()
+    names = {id(p): name for name, p in rank_model.named_parameters()}
+    opt = ZeroLotusAdamW.from_lotus(lotus)
+    opt.regroup_for_zero(2)
+    laid_out = [[(names.get(id(p)), p.numel()) for p in params]  # None: padding
+                for params in zero_partition(opt, 2, 0)]
+    with monkeypatch.context() as m:
+        m.setattr(dist, "get_world_size", lambda group=None: 2)
+        opt.bind(zero_wrapper())  # sharded, reducing on the gloo group's device
+    grads = gradients(model, 1)
+    for name, p in model.named_parameters():
+        p.grad = grads[name]
+    reference.step()
+    for group, tensors in zip(opt.param_groups, laid_out):
+        flat = aligned_flat([grads[n] if n else torch.zeros(numel) for n, numel in tensors], 2)
+        (partition,) = group["params"]
+        partition.grad = flat.view(2, -1)[0].clone()
+    opt.step()
+    with count_host_syncs() as syncs:
+        got = opt.telemetry()
+    assert syncs[0] == 1
+    owned = sorted(n for n, p in rank_model.named_parameters() if "proj" in n and p._hp_mapping)
+    assert 0 < len(owned) < 28 and sorted(got) == owned
+    want = reference.telemetry()
+    assert repr(got) == repr({name: want[name] for name in got})  # NaN: no interval yet
 
 
 def test_a_partition_that_cuts_a_matrix_is_refused():
@@ -463,8 +516,8 @@ def _bf16_zero1_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     grads = {n: safe_get_full_grad(p) for n, p in params.items()}
     engine.optimizer_step()
     after = {n: safe_get_full_fp32_param(p) for n, p in params.items()}
-    torch.save({"wrapper": type(engine.ds.optimizer).__name__,
-                "stepped": sorted(engine.optimizer.telemetry()) if rank == 0 else None,
+    stepped = sorted(engine.optimizer.telemetry())  # collective: every rank calls it
+    torch.save({"wrapper": type(engine.ds.optimizer).__name__, "stepped": stepped,
                 "owned": [n for n, p in params.items() if "proj" in n and p._hp_mapping],
                 "weights": {n: p.detach().float() for n, p in params.items()},
                 "before": before, "grads": grads, "after": after},
@@ -496,3 +549,52 @@ def test_lotus_maps_the_bf16_optimizer_partitions_back_to_matrices(tmp_path, one
     for name, p in model.named_parameters():
         torch.testing.assert_close(got["after"][name], p.detach(), msg=name)
         assert torch.equal(got["weights"][name], got["after"][name].bfloat16().float())
+
+
+def _zero0_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Three Lotus steps (refreshes at steps 1 and 3) at ZeRO-0 in fp32, each rank on its
+    own tokens: records the optimizer's comm, the weights and every matrix's basis."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = config(zero(0), "training.batch_size=8", "training.micro_batch_size=4", *TINY_OPTIM)
+    engine = build_engine(cfg, TINY, dataclasses.replace(CPU, rank=rank, world_size=world,
+                                                         local_rank=rank),
+                          plan_run(cfg, world, True, CPU.device))
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(3):
+        tokens = torch.randint(TINY.vocab_size, (4, 33), generator=gen)
+        with engine.micro_batch(last=True):
+            logits = engine.model(tokens[:, :-1])
+            engine.backward(torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                              tokens[:, 1:].flatten()))
+        engine.clip_grad_norm(cfg.training.grad_clip)
+        engine.optimizer_step()
+    opt = engine.optimizer
+    params = dict(engine.raw_model.named_parameters())
+    torch.save({"comm": type(opt.comm).__name__,
+                "refreshes": {n: t["refresh_count"] for n, t in opt.telemetry().items()},
+                "weights": {n: p.detach().clone() for n, p in params.items()},
+                "bases": {n: opt.state[p]["basis"].clone() for n, p in params.items()
+                          if "basis" in opt.state.get(p, {})}},
+               Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_lotus_at_zero0_on_2_ranks_keeps_the_replicas_identical(tmp_path, one_thread):
+    """ZeRO-0 replicates every matrix: the optimizer gets a DataParallelComm, and after two
+    refreshes on different data per rank both ranks hold the same weights and bases."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_zero0_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert first["comm"] == second["comm"] == "DataParallelComm"
+    assert len(first["bases"]) == 28 and set(first["refreshes"].values()) == {2}
+    assert first["refreshes"] == second["refreshes"]
+    for kind in ("weights", "bases"):
+        assert first[kind].keys() == second[kind].keys()
+        for name, got in first[kind].items():
+            assert torch.equal(got, second[kind][name]), (kind, name)

@@ -9,13 +9,17 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from lotus_dist import model as model_module
 from lotus_dist.model import (
     INIT_STD,
     MODEL_SIZES,
     LlamaConfig,
+    apply_rope,
     build_model,
     build_model_on_meta,
     canonical_name,
+    rope_tables,
+    rotate_half,
 )
 
 TINY = dataclasses.replace(MODEL_SIZES["tiny"], vocab_size=256, max_seq_len=64)
@@ -59,6 +63,53 @@ def test_changing_a_future_token_leaves_earlier_logits_unchanged():
         before, after = model(tokens), model(changed)
     torch.testing.assert_close(after[:, :10], before[:, :10], rtol=0, atol=1e-6)
     assert not torch.allclose(after[:, 10:], before[:, 10:])
+
+
+def rope_in_x_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotation as it was, all in x's dtype: the reference for fp32 and for bf16."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def test_bf16_rope_in_fp32_is_closer_to_fp64_than_with_bf16_tables():
+    head_dim, seq_len = 64, 2048
+    cos, sin = rope_tables(head_dim, seq_len, 10000.0, torch.device("cpu"))
+    channels = torch.arange(0, head_dim, 2, dtype=torch.float64)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64),
+                         1.0 / 10000.0 ** (channels / head_dim)).repeat(1, 2)
+    q = torch.randn(2, 4, seq_len, head_dim, generator=torch.Generator().manual_seed(0))
+    q = q.bfloat16()
+    exact = q.double() * angles.cos() + rotate_half(q.double()) * angles.sin()
+    rotated = apply_rope(q, cos, sin)
+    assert rotated.dtype == torch.bfloat16
+    error = (rotated.double() - exact).abs().mean()
+    bf16_tables_error = (rope_in_x_dtype(q, cos, sin).double() - exact).abs().mean()
+    assert error < 0.75 * bf16_tables_error
+
+
+def test_fp32_forward_is_bitwise_the_rotation_in_x_dtype(monkeypatch):
+    model = build_model(SMALL)
+    tokens = random_tokens(SMALL, batch=2, seq_len=16)
+    with torch.no_grad():
+        logits = model(tokens)
+        monkeypatch.setattr(model_module, "apply_rope", rope_in_x_dtype)
+        assert torch.equal(model(tokens), logits)
+
+
+def test_rope_under_bf16_autocast_rotates_with_fp32_tables_and_returns_bf16(monkeypatch):
+    seen: list[tuple[torch.dtype, torch.dtype, torch.dtype]] = []
+
+    def recording(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        out = apply_rope(x, cos, sin)
+        seen.append((x.dtype, cos.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(model_module, "apply_rope", recording)
+    model = build_model(SMALL)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(random_tokens(SMALL, batch=1, seq_len=8))
+    assert set(seen) == {(torch.bfloat16, torch.float32, torch.bfloat16)}
+    assert len(seen) == 2 * SMALL.n_layers  # q and k of every layer
 
 
 def test_sequence_longer_than_max_seq_len_is_rejected():

@@ -28,6 +28,7 @@ def calls(monkeypatch) -> list[tuple[str, dict]]:
     monkeypatch.setattr(dist, "new_group", lambda **kw: recorded.append(("new_group", kw)))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     return recorded
 

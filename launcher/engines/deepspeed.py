@@ -62,6 +62,11 @@ def deepspeed_config(cfg: Config, accum_steps: int, device: torch.device) -> dic
     per step, ``gradient_clipping`` = training.grad_clip and ``bf16.enabled`` from
     training.dtype (auto: bf16 on CUDA, fp32 on CPU). The JSON may leave them out or
     repeat the same values; a different value is a ConfigError naming both keys.
+
+    Defaulted where the JSON leaves them out (its own value is kept): gradients reduced
+    (``communication_data_type``) and, at ZeRO-1/2/3 under bf16, accumulated
+    (``data_types.grad_accum_dtype``) in fp32, as FSDP does; DeepSpeed's default is bf16.
+    Not accumulation at ZeRO-0: DeepSpeed refuses bf16 weights with fp32 accumulation.
     """
     path = cfg.parallel.deepspeed_config
     if path is None:
@@ -97,6 +102,9 @@ def deepspeed_config(cfg: Config, accum_steps: int, device: torch.device) -> dic
             raise ConfigError(f"{path}: {'.'.join(keys)}={given!r} disagrees with {source} "
                               f"({value!r}); lotus-train fills it, so remove it from the JSON")
         section[keys[-1]] = value
+    ds.setdefault("communication_data_type", "fp32")
+    if bf16 and zero_stage(ds) > 0:
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     return ds
 
 
@@ -170,7 +178,11 @@ class DeepSpeedEngine(Engine):
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global norm of the averaged gradient, before clipping: DeepSpeed clips inside
-        ``step`` with ``gradient_clipping``, which ``deepspeed_config`` set to ``max_norm``."""
+        ``step`` with ``gradient_clipping``, which ``deepspeed_config`` set to ``max_norm``.
+
+        DeepSpeed computes this norm too, but only inside ``step`` (``get_global_grad_norm``
+        after it), and the trainer needs it before stepping to agree on skipping a
+        non-finite step, so it is computed here once more (one scalar reduction)."""
         from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
         from deepspeed.runtime.utils import get_global_norm_of_tensors
 
@@ -193,8 +205,6 @@ class DeepSpeedEngine(Engine):
     def optimizer_step(self) -> None:
         self.ds.step()
         self._stepped = True
-        if isinstance(self.optimizer, ZeroLotusAdamW):
-            self.optimizer.sync_telemetry()
 
     def zero_grad(self) -> None:
         """DeepSpeed clears gradients in ``step``. A step the trainer skipped (non-finite
@@ -215,7 +225,8 @@ class DeepSpeedEngine(Engine):
         """Payload per rank per optimizer step: gradients are reduced in full at every
         stage, in ``communication_data_type``; ZeRO-1/2 all-gather updated parameters
         once, ZeRO-3 gathers them for the forward and again for the backward. Lotus's
-        zero padding at ZeRO-1/2 travels with the rest."""
+        zero padding at ZeRO-1/2 travels with the rest. (Lotus's telemetry table is
+        all-reduced on log steps only, so it is not counted per step.)"""
         numel = sum(_numel(p) for p in self.raw_model.parameters())
         if isinstance(self.optimizer, ZeroLotusAdamW):
             numel += self.optimizer.padding_numel
@@ -225,8 +236,6 @@ class DeepSpeedEngine(Engine):
             out["parameter_allgathers"] = numel * width
         elif self.stage == 3:
             out["parameter_allgathers"] = 2 * numel * width
-        if isinstance(self.optimizer, ZeroLotusAdamW) and self.optimizer.telemetry_bytes():
-            out["telemetry"] = self.optimizer.telemetry_bytes()
         return out
 
 

@@ -441,7 +441,8 @@ def eval_loss_sums(model: torch.nn.Module, batches: Iterable[torch.Tensor],
     micro-batches as training runs them. The trainer all-reduces it over the ranks;
     ``lotus-train eval`` calls it in one process, so both report the same number."""
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0  # on the host: no copy to the device per micro-batch
     for batch in batches:
         batch = batch.to(device)
         for micro in batch.split(micro_batch_size):
@@ -449,10 +450,9 @@ def eval_loss_sums(model: torch.nn.Module, batches: Iterable[torch.Tensor],
                 logits = model(micro[:, :-1])
             loss = F.cross_entropy(upcast(logits.flatten(0, 1)), micro[:, 1:].flatten(),
                                    reduction="sum")
-            total += torch.stack([loss.double(), torch.tensor(micro[:, 1:].numel(),
-                                                              dtype=torch.float64,
-                                                              device=device)])
-    return total
+            loss_sum += loss.double()
+            count += micro[:, 1:].numel()
+    return torch.stack([loss_sum, loss_sum.new_tensor(float(count))])
 
 
 def eval_metrics(loss_sum: float, count: float) -> dict[str, float]:

@@ -189,21 +189,30 @@ def assert_bases_agree(bases: list[tuple[str, torch.Tensor, int]],
     ``InconsistentBasisError`` on every rank, naming the first matrix whose checksum
     differs between ranks.
 
-    The checksums are the sum of the basis and its sum weighted by a fixed ramp (which a
-    permutation or a sign flip changes), plus the refresh count, so a rank that refreshed
-    at another step is caught too. Ranks compute bases from identical reduced inputs, so
-    ``rtol`` only absorbs nondeterministic kernels. Collective: every rank calls it with
-    the same matrices in the same order.
+    The checksums are the sum of the basis and two sums weighted by fixed ramps, one over
+    its rows and one over its columns (which a permutation of either or a sign flip
+    changes), computed from the row and column sums without any full-size temporary,
+    plus the refresh count, so a rank that refreshed at another step is caught too. Ranks
+    compute bases from identical reduced inputs, so ``rtol`` only absorbs nondeterministic
+    kernels. The gathered table is compared on the host after one copy. Collective:
+    every rank calls it with the same matrices in the same order.
     """
     rows = []
-    for _name, basis, count in bases:
-        b = basis.detach().double().flatten()
-        ramp = torch.linspace(1.0, 2.0, b.numel(), dtype=torch.float64, device=b.device)
-        rows.append(torch.stack([b.sum(), (b * ramp).sum(), b.new_tensor(float(count))]))
+    for _name, basis, _count in bases:
+        b = basis.detach()
+        by_row, by_col = b.sum(dim=1, dtype=torch.float64), b.sum(dim=0, dtype=torch.float64)
+        row_ramp = torch.linspace(1.0, 2.0, b.shape[0], dtype=torch.float64, device=b.device)
+        col_ramp = torch.linspace(1.0, 2.0, b.shape[1], dtype=torch.float64, device=b.device)
+        rows.append(torch.stack([by_row.sum(), torch.dot(by_row, row_ramp),
+                                 torch.dot(by_col, col_ramp)]))
     device = group_device(group)
-    mine = (torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)).to(device)
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, mine, group=group)
+    sums = (torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)).to(device)
+    counts = torch.tensor([float(c) for _, _, c in bases], dtype=torch.float64)
+    # columns: sum, row-ramp sum, refresh count, column-ramp sum
+    mine = torch.cat([sums[:, :2], counts.reshape(-1, 1).to(device), sums[:, 2:]], dim=1)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    gathered = torch.stack(parts).cpu()  # one copy to the host for every comparison
     reference = gathered[0]
     for i, (name, _basis, _count) in enumerate(bases):
         tol = rtol * (1.0 + reference[i].abs())

@@ -71,6 +71,12 @@ class LocalComm:
         """R, the projected gradient the optimizer consumes (reduced where needed)."""
         return project(p.grad, basis, side)
 
+    def lowrank_grads(self, items: list[tuple[torch.Tensor, torch.Tensor, str]]
+                      ) -> list[torch.Tensor]:
+        """``lowrank_grad`` of every (p, basis, side) of a step; comms that reduce R
+        override it to reduce them all in one bucket."""
+        return [self.lowrank_grad(p, basis, side) for p, basis, side in items]
+
     def project_back(self, p: torch.Tensor, low_rank: torch.Tensor, basis: torch.Tensor,
                      side: str) -> torch.Tensor:
         """The update of this rank's part of ``p`` (its local shard where ``p`` is sharded)."""

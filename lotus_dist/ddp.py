@@ -115,6 +115,19 @@ class LowRankDDPComm(DataParallelComm):
             return self._ready.pop(p)
         return self._mean(project(p.grad, basis, side), "lowrank_gradients")
 
+    def lowrank_grads(self, items: list[tuple[torch.Tensor, torch.Tensor, str]]
+                      ) -> list[torch.Tensor]:
+        """R of every matrix: those the reducer delivered, and the rest (refreshed this
+        step) projected and averaged in one bucket."""
+        out: list[torch.Tensor | None] = [self._ready.pop(p, None) for p, _, _ in items]
+        missing = [i for i, r in enumerate(out) if r is None]
+        if missing:
+            local = [project(items[i][0].grad, items[i][1], items[i][2]) for i in missing]
+            flat = self._mean(torch.cat([r.reshape(-1) for r in local]), "lowrank_gradients")
+            for i, r, part in zip(missing, local, flat.split([r.numel() for r in local])):
+                out[i] = part.view_as(r)
+        return out
+
 
 class LowRankReducer:
     """The gradient side of low-rank DDP (what DDP's reducer is to DDP), owned by the

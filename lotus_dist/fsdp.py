@@ -239,6 +239,27 @@ class FSDPComm(DataParallelComm):
         r = self._sum(project(grad, self._own_rows(p, basis, lay), side), "lowrank_gradients")
         return DTensor.from_local(r, self.mesh, [Replicate()], run_check=False)
 
+    def lowrank_grads(self, items: list[tuple[torch.Tensor, torch.Tensor, str]]
+                      ) -> list[DTensor]:
+        """Every matrix's R; the dim-0 fallback ones (each rank holds a partial sum) are
+        all-reduced together in one flat bucket instead of one blocking call each."""
+        out: list[DTensor | None] = []
+        partial: list[tuple[int, torch.Tensor]] = []
+        for p, basis, side in items:
+            lay = self.layout(p, side)
+            if lay.kept:
+                out.append(self.lowrank_grad(p, basis, side))
+            else:
+                partial.append((len(out), project(p.grad.to_local(),
+                                                  self._own_rows(p, basis, lay), side)))
+                out.append(None)
+        if partial:
+            flat = self._sum(torch.cat([r.reshape(-1) for _, r in partial]), "lowrank_gradients")
+            for (i, r), part in zip(partial, flat.split([r.numel() for _, r in partial])):
+                out[i] = DTensor.from_local(part.view_as(r), self.mesh, [Replicate()],
+                                            run_check=False)
+        return out
+
     def project_back(self, p: torch.Tensor, low_rank: torch.Tensor, basis: torch.Tensor,
                      side: str) -> torch.Tensor:
         lay = self.layout(p, side)

@@ -199,9 +199,13 @@ class LotusAdamW(torch.optim.Optimizer):
         if not self.comm.agree(_all_finite([local_view(p.grad) for _, p in items])):
             self._on_nonfinite("step")
             return False
-        for group, p in items:
-            if "rank" in group:
-                self._lowrank[p] = self._refresh_and_project(group, p)
+        projected = [(group, p) for group, p in items if "rank" in group]
+        for group, p in projected:
+            self._refresh_if_due(group, p)
+        # every matrix's R in one call, so that the comm can reduce them in one bucket
+        wanted = [(p, self.state[p]["basis"], projection_side(p.shape, group["proj_type"]))
+                  for group, p in projected]
+        self._lowrank.update(zip([p for _, p in projected], self.comm.lowrank_grads(wanted)))
         if self.comm.check_consistency:
             # a basis refreshed this step as each rank computed it: a sharded store
             # would assemble rows from different ranks into one agreeing basis
@@ -299,15 +303,19 @@ class LotusAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- the Lotus step
 
-    def _refresh_and_project(self, group: dict, p: torch.Tensor) -> torch.Tensor:
-        """Refresh the basis if due, then return R, the low-rank gradient (fp32)."""
+    def _refresh_if_due(self, group: dict, p: torch.Tensor) -> None:
+        """Refresh the basis if a switch was decided (or there is none yet); else count."""
         state = self.state[p]
-        side = projection_side(p.shape, group["proj_type"])
         if "basis" not in state or state["refresh_pending"]:
-            self._refresh(group, p, state, side)
+            self._refresh(group, p, state, projection_side(p.shape, group["proj_type"]))
         else:
             state["steps_since_refresh"] += 1
-        return self.comm.lowrank_grad(p, state["basis"], side)
+
+    def _refresh_and_project(self, group: dict, p: torch.Tensor) -> torch.Tensor:
+        """Refresh the basis if due, then return R, the low-rank gradient (fp32)."""
+        self._refresh_if_due(group, p)
+        side = projection_side(p.shape, group["proj_type"])
+        return self.comm.lowrank_grad(p, self.state[p]["basis"], side)
 
     def _refresh(self, group: dict, p: torch.Tensor, state: dict, side: str) -> None:
         grad, rank = local_view(p.grad), group["rank"]  # a sharded gradient's local part

@@ -75,10 +75,25 @@ def run_single(options: dict, world: int) -> tuple[dict, dict, list[float]]:
     return model.state_dict(), refresh_counts(opt), norms
 
 
-def _worker(rank: int, world: int, port: int, options: dict, out: str, perturb: bool) -> None:
+def _join(rank: int, world: int, port: int) -> None:
+    """This spawned process becomes rank ``rank`` of a gloo group, on one thread."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+
+
+def _patch_rsvd(transform) -> None:
+    """Make this rank's rSVD bases ``transform(grad, basis)`` of the true ones."""
+    plain_rsvd = lotus_dist.optim.rsvd_basis
+
+    def patched(grad, rank_, side, **kwargs):
+        return transform(grad, plain_rsvd(grad, rank_, side, **kwargs))
+
+    lotus_dist.optim.rsvd_basis = patched
+
+
+def _worker(rank: int, world: int, port: int, options: dict, out: str, perturb: bool) -> None:
+    _join(rank, world, port)
     comm = LowRankDDPComm()
     model, opt = make(options, comm)
     reducer = LowRankReducer(model, opt, comm, bucket_mb=0.001)  # tiny: several in flight
@@ -166,16 +181,9 @@ def test_rank_dependent_statistics_still_give_one_decision(tmp_path):
 def _corrupt_worker(rank: int, world: int, port: int, out: str, lowrank: bool) -> None:
     """The last rank computes a different basis for mlp.0 at its first refresh; the
     consistency check must stop every rank, naming that matrix."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    plain_rsvd = lotus_dist.optim.rsvd_basis
-
-    def corrupted_rsvd(grad, rank_, side, **kwargs):
-        basis = plain_rsvd(grad, rank_, side, **kwargs)
-        return basis + 1e-3 if rank == world - 1 and grad.shape == (40, 12) else basis
-
-    lotus_dist.optim.rsvd_basis = corrupted_rsvd
+    _join(rank, world, port)
+    _patch_rsvd(lambda grad, basis: basis + 1e-3
+                if rank == world - 1 and grad.shape == (40, 12) else basis)
     comm = (LowRankDDPComm(check_consistency=True) if lowrank
             else DataParallelComm(check_consistency=True))
     model, opt = make(LOTUS, comm)
@@ -215,16 +223,8 @@ def test_consistency_check_names_the_corrupted_basis(tmp_path, lowrank):
 def _mixed_gpu_worker(rank: int, world: int, port: int, out: str) -> None:
     """Plain DDP whose ranks compute bases and statistics a little differently, as
     different GPU models do in the last bits: the replicas must stay identical."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    plain_rsvd = lotus_dist.optim.rsvd_basis
-
-    def drifting_rsvd(grad, rank_, side, **kwargs):
-        basis = plain_rsvd(grad, rank_, side, **kwargs)
-        return basis * (1.0 + 1e-6 * rank)
-
-    lotus_dist.optim.rsvd_basis = drifting_rsvd
+    _join(rank, world, port)
+    _patch_rsvd(lambda grad, basis: basis * (1.0 + 1e-6 * rank))
     comm = DataParallelComm()
     reduce = comm.stats_reduce
     comm.stats_reduce = lambda flat: reduce(flat * (1.0 + 1e-6 * rank))

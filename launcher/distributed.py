@@ -118,6 +118,18 @@ def join_one_process_group(device: torch.device, timeout_s: float = 1800.0) -> N
     _made_a_group = True
 
 
+#: Set by the ``lotus-train`` executable (``launcher.__main__``): this process is the
+#: command's own, so a training run may end it without interpreter shutdown even
+#: without a process group.
+_owns_process = False
+
+
+def own_the_process() -> None:
+    """Called by the executable's entry point only, never by in-process callers."""
+    global _owns_process
+    _owns_process = True
+
+
 def start_cli_process() -> None:
     """A CLI command begins: no group of its own yet. An in-process caller (a test, a
     notebook) may have run an fsdp or deepspeed training before, whose one-process group
@@ -133,7 +145,8 @@ def made_a_group() -> bool:
 
 def exit_process(code: int | str | None) -> None:
     """End the CLI process with ``code`` as ``sys.exit`` takes it (a message means 1);
-    return instead on success without a process group (the in-process API and tests).
+    return instead on success where this process is neither the ``lotus-train``
+    executable's own nor has made a process group (the in-process API and tests).
 
     After a process group, without interpreter shutdown: torch's DTensor caches keep a
     gloo group alive past ``destroy_process_group`` (as DeepSpeed's did), and its worker
@@ -141,7 +154,7 @@ def exit_process(code: int | str | None) -> None:
     that has finished and written everything (SIGABRT, 'terminate called without an
     active exception'), so that torchrun reports a failed job. Every file the run writes
     is closed before this is called; the standard streams are flushed here."""
-    if not _made_a_group:
+    if not (_made_a_group or _owns_process):
         if code:
             sys.exit(code)
         return

@@ -103,14 +103,17 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize(("overrides", "fix"), [
     ([], r"data\.tokenizer='t5-base'.*set data\.tokenizer to a local tokenizer\.json"),
-    (["data.tokenizer=data/sample/tokenizer.json", "model.vocab_size=null"],
+    (["data.tokenizer={tokenizer}", "model.vocab_size=null"],
      r"data\.path='allenai/c4'.*set data\.path to a local C4-layout folder.*lotus-train data "
      r"prepare"),
 ])
-def test_a_hub_config_without_network_fails_fast_with_one_line(tmp_path, overrides, fix):
+def test_a_hub_config_without_network_fails_fast_with_one_line(tmp_path, small_corpus,
+                                                              overrides, fix):
     """configs/60m.yaml (t5-base, allenai/c4) with no network and HF_HUB_OFFLINE unset: one
     'lotus-train: error:' line naming the fix, in seconds rather than after the hub
-    client's ~26 s of retries."""
+    client's ~26 s of retries. The local tokenizer is the test corpus's (a clean clone
+    has no data/sample yet)."""
+    overrides = [item.format(tokenizer=small_corpus[1]) for item in overrides]
     sets = [f"--set={item}" for item in [f"run.dir={tmp_path / 'run'}", *overrides]]
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "launcher", "train", "--config",

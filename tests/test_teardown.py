@@ -75,6 +75,39 @@ def test_a_finished_distributed_run_exits_zero_without_interpreter_shutdown(tmp_
     assert "interpreter shutdown ran" not in proc.stdout
 
 
+ONE_PROCESS_CLI = """
+import atexit, sys
+from launcher.__main__ import main
+
+atexit.register(print, "interpreter shutdown ran")
+sys.argv = ["lotus-train", "train", "--config", "configs/tiny.yaml", *sys.argv[1:]]
+main()
+"""
+
+
+def test_the_executable_ends_a_one_process_run_without_interpreter_shutdown(small_corpus,
+                                                                             tmp_path):
+    """Threads left behind can abort interpreter shutdown after a finished one-process
+    run too (CI saw it once): the ``lotus-train`` executable leaves through
+    ``exit_process``, having written everything, and exits 0."""
+    corpus, tokenizer = small_corpus
+    script = tmp_path / "cli.py"
+    script.write_text(ONE_PROCESS_CLI)
+    sets = [f"--set={s}" for s in (f"data.path={corpus}", f"data.tokenizer={tokenizer}",
+                                   f"run.dir={tmp_path / 'run'}", "training.steps=2",
+                                   "training.seq_len=16", "model.max_seq_len=16",
+                                   "training.batch_size=2", "training.micro_batch_size=2",
+                                   "training.warmup_steps=0", "eval.batches=1",
+                                   "run.tensorboard=false")]
+    proc = subprocess.run([sys.executable, str(script), *sets], capture_output=True,
+                          text=True, cwd=REPO, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "done: 2 steps" in proc.stdout, proc.stdout
+    assert "interpreter shutdown ran" not in proc.stdout
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
 def test_a_run_puts_back_the_signal_handlers_it_replaced(small_corpus, tmp_path):
     """A handler left installed keeps the finished trainer, its engine and through them
     the process groups alive until exit (and would act on a signal for a dead run)."""

@@ -111,9 +111,7 @@ class LowRankDDPComm(DataParallelComm):
         return self._mean(p.grad, "full_gradients")
 
     def lowrank_grad(self, p: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
-        if p in self._ready:
-            return self._ready.pop(p)
-        return self._mean(project(p.grad, basis, side), "lowrank_gradients")
+        return self.lowrank_grads([(p, basis, side)])[0]
 
     def lowrank_grads(self, items: list[tuple[torch.Tensor, torch.Tensor, str]]
                       ) -> list[torch.Tensor]:

@@ -228,16 +228,17 @@ class FSDPComm(DataParallelComm):
         return stored.to_local() if isinstance(stored, DTensor) else stored[lay.own]
 
     def lowrank_grad(self, p: torch.Tensor, basis: torch.Tensor, side: str) -> DTensor:
-        lay = self.layout(p, side)
-        grad = p.grad.to_local()
-        if lay.kept:
-            r = project(grad, self.full_basis(p, basis, side), side)
-            rank = basis.shape[1]
-            shape = (rank, p.shape[1]) if side == "left" else (p.shape[0], rank)
-            return DTensor.from_local(r, self.mesh, [Shard(lay.dim)], run_check=False,
-                                      shape=torch.Size(shape), stride=(shape[1], 1))
-        r = self._sum(project(grad, self._own_rows(p, basis, lay), side), "lowrank_gradients")
-        return DTensor.from_local(r, self.mesh, [Replicate()], run_check=False)
+        return self.lowrank_grads([(p, basis, side)])[0]
+
+    def _kept_lowrank_grad(self, p: torch.Tensor, basis: torch.Tensor, side: str,
+                           lay: ShardLayout) -> DTensor:
+        """R of a matrix sharded along its kept dimension: this shard's projection is
+        this rank's shard of R, with no communication."""
+        r = project(p.grad.to_local(), self.full_basis(p, basis, side), side)
+        rank = basis.shape[1]
+        shape = (rank, p.shape[1]) if side == "left" else (p.shape[0], rank)
+        return DTensor.from_local(r, self.mesh, [Shard(lay.dim)], run_check=False,
+                                  shape=torch.Size(shape), stride=(shape[1], 1))
 
     def lowrank_grads(self, items: list[tuple[torch.Tensor, torch.Tensor, str]]
                       ) -> list[DTensor]:
@@ -248,7 +249,7 @@ class FSDPComm(DataParallelComm):
         for p, basis, side in items:
             lay = self.layout(p, side)
             if lay.kept:
-                out.append(self.lowrank_grad(p, basis, side))
+                out.append(self._kept_lowrank_grad(p, basis, side, lay))
             else:
                 partial.append((len(out), project(p.grad.to_local(),
                                                   self._own_rows(p, basis, lay), side)))

@@ -78,6 +78,21 @@ OPTIONS: tuple[Option, ...] = (
            lambda c, ds: c.optim.per_layer and c.training.grad_clip > 0, (),
            "per-layer mode frees each gradient inside backward and clipping needs them all: "
            "set training.grad_clip=0"),
+    Option("optim.projected_backward=true", lambda c, ds: c.optim.projected_backward,
+           ("single", "ddp_lowrank", "fsdp"),
+           "it needs the engine to reduce R (low-rank DDP and FSDP do; torch DDP and DeepSpeed "
+           "reduce full gradients): use parallel.engine=fsdp, or ddp with "
+           "parallel.lowrank_comm=true, or set optim.projected_backward=false",
+           PROJECTED_OPTIMIZERS),
+    Option("optim.projected_backward=true with a full-gradient setting",
+           lambda c, ds: c.optim.projected_backward and (
+               c.optim.per_layer or c.optim.recovery_scaling or c.training.compile
+               or c.optim.switch == "path_efficiency" or c.training.clip_on == "gradient"), (),
+           "the full gradient exists only on refresh steps, so optim.per_layer, "
+           "optim.recovery_scaling, optim.switch=path_efficiency and training.clip_on="
+           "gradient cannot run with it, and training.compile does not trace its autograd "
+           "function yet: turn those off (clipping uses the consumed norm)",
+           PROJECTED_OPTIMIZERS),
     Option("training.clip_on=consumed", lambda c, ds: c.training.clip_on == "consumed",
            _ALL_BUT(*_DEEPSPEED),
            "DeepSpeed clips the full gradient inside its step: set training.clip_on=auto",

@@ -197,6 +197,9 @@ class OptimConfig:
     """Cap on the growth of the recovery term's norm from one step to the next."""
     per_layer: bool = False
     """Step each parameter inside backward, freeing its gradient at once."""
+    projected_backward: bool = False
+    """Projected weights get R = project(G) straight from their activations in backward
+    (``lotus_dist.projected_linear``), so their full gradient exists only on refresh steps."""
     nonfinite: Literal["skip", "raise"] = "skip"
     """On an inf/NaN gradient: skip the step (counted) or stop with an error."""
     target_modules: list[str] = field(default_factory=lambda: ["self_attn", "mlp"])
@@ -464,7 +467,7 @@ def unused_optim_keys(optim: OptimConfig) -> set[str]:
     used = {"name", "lr", "weight_decay", "beta1", "beta2", "eps", "nonfinite"}
     if optim.name in PROJECTED_OPTIMIZERS:
         used |= {"rank", "scale", "proj_type", "projection", "switch", "moments",
-                 "recovery_scaling", "per_layer", "target_modules"}
+                 "recovery_scaling", "per_layer", "projected_backward", "target_modules"}
         used |= {"update_proj_gap"} if optim.switch == "fixed" else {"gamma", "verify_gap",
                                                                      "min_gap"}
         used |= {"power_iters", "oversample"} if optim.projection == "rsvd" else set()

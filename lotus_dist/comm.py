@@ -14,14 +14,15 @@ and its distributed forms share one code path.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
-from lotus_dist.precision import upcast
-from lotus_dist.projection import RsvdComm, project, project_back
+from lotus_dist.precision import compute_dtype, upcast
+from lotus_dist.projection import RsvdComm, project, project_back, projected_dim, svd_basis
 
 #: Kinds of bytes the comms count (``bytes``): what the optimizer's collectives carry.
 BYTES_KINDS = ("lowrank_gradients", "full_gradients", "sketches", "stats", "bases")
@@ -36,6 +37,9 @@ class LocalComm:
     exposes_full_grad: bool = True
     #: Debug (``parallel.check_consistency``): ``check_bases`` after every step.
     check_consistency: bool = False
+    #: Ranks that share the work of a refresh burst (``svd_bases``), and this one's index.
+    world: int = 1
+    rank: int = 0
 
     def agree(self, flag: bool) -> bool:
         """The same verdict on every rank (all ranks finite, say)."""
@@ -50,9 +54,12 @@ class LocalComm:
         """Reduce the partial sums behind the switch decisions (one call per step)."""
         return flat
 
-    def store_basis(self, p: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+    def store_basis(self, p: torch.Tensor, basis: torch.Tensor, side: str,
+                    replicated: bool = False) -> torch.Tensor:
         """What the optimizer keeps of ``p``'s new (whole) basis: the basis itself here;
-        under FSDP only this rank's rows, so that bases cost 1/W per rank too."""
+        under FSDP only this rank's rows, so that bases cost 1/W per rank too.
+        ``replicated``: the basis is bitwise the same on every rank already (``svd_bases``
+        broadcast it), so a comm that would otherwise send one rank's copy need not."""
         return basis
 
     def full_basis(self, p: torch.Tensor, stored: torch.Tensor, side: str) -> torch.Tensor:
@@ -63,9 +70,16 @@ class LocalComm:
         """Where the randomized SVD of ``p``'s gradient (projected on ``side``) reduces."""
         return RsvdComm()
 
-    def full_grad(self, p: torch.Tensor) -> torch.Tensor:
-        """The whole gradient an exact SVD decomposes (a gather where it is sharded)."""
+    def full_grad(self, p: torch.Tensor, owner: int = 0) -> torch.Tensor | None:
+        """The whole gradient an exact SVD decomposes, on rank ``owner`` of the group and
+        None on the others (a gather or a reduce to it where the gradient is sharded or
+        per rank)."""
         return p.grad
+
+    def svd_bases(self, items: list[tuple[torch.Tensor, int, str]]) -> list[torch.Tensor]:
+        """The exact top-``rank`` bases (``svd_basis``) of the (p, rank, side) due for an
+        SVD in one step, whole on every rank; one process computes them all."""
+        return [svd_basis(self.full_grad(p), rank, side) for p, rank, side in items]
 
     def lowrank_grad(self, p: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
         """R, the projected gradient the optimizer consumes (reduced where needed)."""
@@ -77,10 +91,21 @@ class LocalComm:
         override it to reduce them all in one bucket."""
         return [self.lowrank_grad(p, basis, side) for p, basis, side in items]
 
+    def backward_lowrank(self, items: list[tuple[torch.Tensor, torch.Tensor, str]]
+                         ) -> list[torch.Tensor]:
+        """The R the optimizer consumes for each (p, R, side) the projected backward summed
+        on this rank (``optim.projected_backward``): that R itself in one process."""
+        return [r for _, r, _ in items]
+
+    def back_basis(self, p: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+        """The basis rows that map R back onto this rank's part of ``p`` (all of them
+        here; under FSDP the whole basis or this shard's rows, as the layout needs)."""
+        return basis
+
     def project_back(self, p: torch.Tensor, low_rank: torch.Tensor, basis: torch.Tensor,
                      side: str) -> torch.Tensor:
         """The update of this rank's part of ``p`` (its local shard where ``p`` is sharded)."""
-        return project_back(low_rank, basis, side)
+        return project_back(local_view(low_rank), self.back_basis(p, basis, side), side)
 
     def check_bases(self, bases: list[tuple[str, torch.Tensor, int]]) -> None:
         """Raise ``InconsistentBasisError`` where ranks hold different (name, basis, refresh
@@ -88,9 +113,11 @@ class LocalComm:
 
 
 class DataParallelComm(LocalComm):
-    """The base of the multi-rank comms: a process group over which every rank computes
-    every basis whole (FSDP then keeps only its rows), so ``check_consistency`` can
-    compare them in one all-gather.
+    """The base of the multi-rank comms: a process group over which every rank holds
+    every basis whole once it is computed (FSDP then keeps only its rows), so
+    ``check_consistency`` can compare them in one all-gather. Every rank computes every
+    rSVD (from reduced sketches); an exact SVD runs on one owner, which broadcasts it
+    (``svd_bases``).
 
     On its own it serves plain DDP, where ranks hold identical averaged gradients and
     compute the same bases; it averages their switch statistics and keeps rank 0's bases
@@ -104,6 +131,7 @@ class DataParallelComm(LocalComm):
         self.device = group_device(group)
         self.check_consistency = check_consistency
         self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
         #: Bytes put into collectives, by kind (``BYTES_KINDS``), since construction.
         self.bytes: Counter[str] = Counter()
 
@@ -115,13 +143,70 @@ class DataParallelComm(LocalComm):
         dist.all_reduce(flat, group=self.group)
         return flat.div_(self.world)
 
-    def store_basis(self, p: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
-        """Every rank keeps rank 0's basis (d x r per refresh), for the same reason."""
+    def _global_rank(self, rank: int) -> int:
+        """The global rank of this group's rank ``rank`` (collectives name ranks globally)."""
+        return dist.get_global_rank(self.group, rank) if self.group else rank
+
+    def store_basis(self, p: torch.Tensor, basis: torch.Tensor, side: str,
+                    replicated: bool = False) -> torch.Tensor:
+        """Every rank keeps rank 0's basis (d x r per refresh), for the same reason; one
+        ``svd_bases`` already broadcast is kept as it is (no second copy on the wire)."""
+        if replicated:
+            return basis
         self.bytes["bases"] += basis.numel() * basis.element_size()
         basis = basis.contiguous()
-        dist.broadcast(basis, src=dist.get_global_rank(self.group, 0) if self.group else 0,
-                       group=self.group)
+        dist.broadcast(basis, src=self._global_rank(0), group=self.group)
         return basis
+
+    def full_grad(self, p: torch.Tensor, owner: int = 0) -> torch.Tensor | None:
+        """Replicas hold the same averaged gradient: the owner takes its own, nothing moves."""
+        return p.grad if owner == self.rank else None
+
+    def svd_bases(self, items: list[tuple[torch.Tensor, int, str]]) -> list[torch.Tensor]:
+        """Each rank computes the SVDs of its share of ``items`` (``svd_owners``), then
+        each owner broadcasts its bases in one flat tensor: one share of the SVDs (seconds
+        each at 7b) per rank instead of all of them on every rank, and W broadcasts per
+        burst. Gradients reach their owners (``full_grad``) in turns of at most one
+        matrix per owner, all of a turn's transfers before its SVDs: the owners of a turn
+        decompose side by side, and a rank holds one whole gradient at a time."""
+        owned = svd_owners([_svd_cost(p.shape) for p, _, _ in items], self.world)
+        mine: dict[int, torch.Tensor] = {}
+        for turn in range(max(map(len, owned))):
+            grads = {}
+            for owner, share in enumerate(owned):  # the same order on every rank
+                if turn < len(share):
+                    grad = self.full_grad(items[share[turn]][0], owner)
+                    if grad is not None:
+                        grads[share[turn]] = grad
+            for i, grad in grads.items():  # this rank's matrix of the turn
+                mine[i] = svd_basis(grad, items[i][1], items[i][2])
+            del grads  # its whole gradient, before the next turn brings one
+        out: list[torch.Tensor | None] = [None] * len(items)
+        for owner, share in enumerate(owned):
+            if share:
+                for i, basis in zip(share, self._broadcast_bases(owner, share, items, mine)):
+                    out[i] = basis
+        return out
+
+    def _broadcast_bases(self, owner: int, share: list[int],
+                         items: list[tuple[torch.Tensor, int, str]],
+                         mine: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        """The bases of ``share`` (indices into ``items``) that ``owner`` computed, sent
+        from it to every rank in one flat broadcast (counted as ``bases``)."""
+        grads = [local_view(items[i][0].grad) for i in share]
+        shapes = [(projected_dim(items[i][0].shape, items[i][2]), items[i][1]) for i in share]
+        dtypes = [compute_dtype(g) for g in grads]
+        dtype = functools.reduce(torch.promote_types, dtypes)
+        if owner == self.rank:
+            flat = torch.cat([mine[i].reshape(-1) for i in share]).to(self.device, dtype)
+        else:
+            flat = torch.empty(sum(d * r for d, r in shapes), dtype=dtype, device=self.device)
+        self.bytes["bases"] += flat.numel() * flat.element_size()
+        dist.broadcast(flat, src=self._global_rank(owner), group=self.group)
+        parts = flat.split([d * r for d, r in shapes])
+        # copies: a stored basis must not pin the whole flat
+        return [part.view(shape).to(g.device, dt, copy=True)
+                for part, shape, g, dt in zip(parts, shapes, grads, dtypes)]
 
     def all_ranks(self, flag: bool) -> bool:
         """True on every rank iff ``flag`` is true on every rank (one MIN all-reduce)."""
@@ -131,6 +216,26 @@ class DataParallelComm(LocalComm):
 
     def check_bases(self, bases: list[tuple[str, torch.Tensor, int]]) -> None:
         assert_bases_agree(bases, self.group)
+
+
+def svd_owners(costs: list[float], world: int) -> list[list[int]]:
+    """The indices of the items each of ``world`` ranks owns: largest cost first onto the
+    least loaded rank (ties to the lower rank), so each rank's list runs largest first
+    and the k-th items of all ranks are alike. A pure function of its arguments: every
+    rank computes the same owners without communicating."""
+    owned: list[list[int]] = [[] for _ in range(world)]
+    loads = [0.0] * world
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        k = min(range(world), key=lambda k: (loads[k], k))
+        owned[k].append(i)
+        loads[k] += costs[i]
+    return owned
+
+
+def _svd_cost(shape: tuple[int, int] | torch.Size) -> float:
+    """The flops of a full SVD of an m x n matrix, up to a constant: m n min(m, n)."""
+    m, n = shape
+    return float(m * n * min(m, n))
 
 
 def sum_over_ranks(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

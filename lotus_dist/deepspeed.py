@@ -60,8 +60,12 @@ class ZeroLotusAdamW(LotusAdamW):
     ``param_groups`` are DeepSpeed's (the learning-rate schedule writes there) and each step
     runs the inherited Lotus step on the matrix views of the groups DeepSpeed asks to step.
 
-    The finite check needs no collective: DeepSpeed only calls ``step`` after its own global
-    overflow check, and at stage 0 every rank holds the same all-reduced gradients.
+    No finite check of its own where DeepSpeed made one: its ZeRO-1/2 optimizer, its
+    BF16_Optimizer and its stage-0 bf16 wrapper compute the global gradient norm first
+    and only call ``step`` when it is finite, so ``bind`` turns ``checks_finite`` off there
+    (it saves a host sync per param group DeepSpeed steps). At stage 0 in fp32 DeepSpeed
+    checks nothing: the check stays, and needs no collective, as every rank holds the same
+    all-reduced gradients.
     """
 
     def __init__(self, params: Iterable, **kwargs: Any) -> None:
@@ -82,6 +86,8 @@ class ZeroLotusAdamW(LotusAdamW):
         self._view_names: list[list[str] | None] = []
         self._sharded = False
         self._table_device: torch.device | None = None  # where telemetry() reduces
+        #: Whether ``prepare`` checks the gradients for inf/NaN (LotusAdamW's hook).
+        self.checks_finite = True
 
     @classmethod
     def from_lotus(cls, optimizer: LotusAdamW) -> ZeroLotusAdamW:
@@ -184,6 +190,7 @@ class ZeroLotusAdamW(LotusAdamW):
                 "BF16_Optimizer are supported)")
         self._views = [views for views, _ in mapped]
         self._view_names = [names for _, names in mapped]
+        self.checks_finite = ds_optimizer is self  # the others step only on a finite norm
         for i, views in enumerate(self._views):
             for (view, _), (_, original) in zip(views, self._members[i]):
                 self.alias(view, original, self._ds_groups[i])

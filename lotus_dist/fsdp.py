@@ -8,7 +8,10 @@ columns). FSDP2 shards it along the dimension it keeps where it can, and then:
   P^T G): no communication, and R, Adam's moments and the update are sharded like G;
 * the refresh is a randomized SVD of a column-sharded A (A = G or G^T, see
   ``RsvdComm``): (d x l) sketch all-reduces plus (l x l) fp64 Gram all-reduces (one per
-  power iteration, one for the final small eigenproblem).
+  power iteration, one for the final small eigenproblem), each one collective for a
+  whole batch of same-shape matrices refreshing together (``rsvd_bases``);
+* an exact SVD (``projection="svd"``) runs on one owner per matrix, which alone receives
+  the whole gradient (a gather) and broadcasts the basis (``DataParallelComm.svd_bases``).
 
 FSDP2 (torch 2.13) shards unevenly only on dim 0, so a left-projected matrix whose n the
 world size does not divide is sharded on dim 0, the dimension it compresses. Each rank
@@ -41,10 +44,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from lotus_dist.comm import DataParallelComm, local_view
+from lotus_dist.comm import DataParallelComm
 from lotus_dist.param_groups import lotus_param_groups
 from lotus_dist.precision import upcast
-from lotus_dist.projection import RsvdComm, project, project_back, projection_side
+from lotus_dist.projection import RsvdComm, project, projection_side
 
 
 def kept_dim(side: str) -> int:
@@ -158,18 +161,19 @@ class FSDPComm(DataParallelComm):
         return t
 
     def _gather_rows(self, t: torch.Tensor, rows: int, kind: str) -> torch.Tensor:
-        """Stack every rank's rows (torch.chunk layout) into the whole ``rows`` x l sketch.
+        """Stack every rank's rows (torch.chunk layout) of each sketch of the batch ``t``
+        (b, local rows, l) into the whole (b, ``rows``, l), in one all-gather.
 
         Shards are padded to one chunk so that all ranks send equal sizes; with the
         chunk layout, row i of the padded stack is row i of the whole for i < rows.
         """
         chunk = math.ceil(rows / self.world)
-        padded = t.new_zeros(chunk, t.shape[1])
-        padded[: t.shape[0]] = t
+        padded = t.new_zeros(t.shape[0], chunk, t.shape[2])
+        padded[:, : t.shape[1]] = t
         parts = [torch.empty_like(padded) for _ in range(self.world)]
-        self.bytes[kind] += rows * t.shape[1] * t.element_size()
+        self.bytes[kind] += t.shape[0] * rows * t.shape[2] * t.element_size()
         dist.all_gather(parts, padded, group=self.group)
-        return torch.cat(parts)[:rows]
+        return torch.cat(parts, dim=1)[:, :rows]
 
     def agree(self, flag: bool) -> bool:
         return self.all_ranks(flag)  # each rank judged only its own shard
@@ -196,13 +200,26 @@ class FSDPComm(DataParallelComm):
                         cosketch=lambda t: self._sum(t, "sketches"),
                         shape=shape, rows=lay.own)
 
-    def full_grad(self, p: torch.Tensor) -> torch.Tensor:
-        """``projection="svd"`` decomposes the whole gradient: this all-gathers it (m x n
-        per refresh, counted as full_gradients); rsvd never does."""
-        self.bytes["full_gradients"] += p.numel() * 4
-        return p.grad.full_tensor()
+    def full_grad(self, p: torch.Tensor, owner: int = 0) -> torch.Tensor | None:
+        """``projection="svd"`` decomposes the whole gradient on its owner only
+        (``svd_bases``): one gather of the shards, padded to a chunk, to that rank (m x n
+        per refresh, counted as full_gradients), where an all-gather would put it on
+        every rank; rsvd never moves a gradient."""
+        local = p.grad.to_local()
+        (placement,) = p.grad.placements
+        dim, size = placement.dim, p.shape[placement.dim]
+        shape = list(local.shape)
+        shape[dim] = math.ceil(size / self.world)
+        padded = local.new_zeros(shape)
+        padded.narrow(dim, 0, local.shape[dim]).copy_(local)
+        mine = owner == self.rank
+        parts = [torch.empty_like(padded) for _ in range(self.world)] if mine else None
+        self.bytes["full_gradients"] += p.numel() * local.element_size()
+        dist.gather(padded, parts, dst=self._global_rank(owner), group=self.group)
+        return None if parts is None else torch.cat(parts, dim).narrow(dim, 0, size)
 
-    def store_basis(self, p: torch.Tensor, basis: torch.Tensor, side: str) -> DTensor:
+    def store_basis(self, p: torch.Tensor, basis: torch.Tensor, side: str,
+                    replicated: bool = False) -> DTensor:
         """This rank's rows of the (d x r) basis (torch.chunk layout, as FSDP shards), so
         per-rank basis memory falls as 1/W. A matrix sharded along the dimension its
         projection keeps gathers the whole basis when it projects or updates (one at a
@@ -240,6 +257,29 @@ class FSDPComm(DataParallelComm):
         return DTensor.from_local(r, self.mesh, [Shard(lay.dim)], run_check=False,
                                   shape=torch.Size(shape), stride=(shape[1], 1))
 
+    def backward_lowrank(self, items: list[tuple[torch.Tensor, torch.Tensor, str]]
+                         ) -> list[DTensor]:
+        """R of the projected backward: each rank summed its micro-batches' R of the
+        whole matrix; the rank mean (FSDP averages gradients too) comes from one flat
+        all-reduce of all of them, and each rank keeps R laid out as ``lowrank_grads``
+        makes it (its shard along the kept dimension, else replicated). The projected
+        weights took no part in FSDP's reduce-scatter."""
+        if not items:
+            return []
+        flat = self._sum(torch.cat([r.reshape(-1) for _, r, _ in items]), "lowrank_gradients")
+        flat /= self.world
+        out = []
+        for (p, r, side), part in zip(items, flat.split([r.numel() for _, r, _ in items])):
+            whole = part.view_as(r)
+            lay = self.layout(p, side)
+            if not lay.kept:
+                out.append(DTensor.from_local(whole, self.mesh, [Replicate()], run_check=False))
+                continue
+            local = whole.narrow(lay.dim, lay.start, lay.stop - lay.start).contiguous()
+            out.append(DTensor.from_local(local, self.mesh, [Shard(lay.dim)], run_check=False,
+                                          shape=whole.shape, stride=whole.stride()))
+        return out
+
     def lowrank_grads(self, items: list[tuple[torch.Tensor, torch.Tensor, str]]
                       ) -> list[DTensor]:
         """Every matrix's R; the dim-0 fallback ones (each rank holds a partial sum) are
@@ -261,8 +301,6 @@ class FSDPComm(DataParallelComm):
                                             run_check=False)
         return out
 
-    def project_back(self, p: torch.Tensor, low_rank: torch.Tensor, basis: torch.Tensor,
-                     side: str) -> torch.Tensor:
+    def back_basis(self, p: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
         lay = self.layout(p, side)
-        rows = self.full_basis(p, basis, side) if lay.kept else self._own_rows(p, basis, lay)
-        return project_back(local_view(low_rank), rows, side)
+        return self.full_basis(p, basis, side) if lay.kept else self._own_rows(p, basis, lay)

@@ -244,13 +244,7 @@ class Llama(nn.Module):
         if self.rope_cos.device.type == "meta":
             raise RuntimeError("init_weights needs allocated tensors: call model.to_empty() first")
         for name, module in self.named_modules():
-            if isinstance(module, RMSNorm):
-                _copy_full_(module.weight, _empty_full(module.weight).fill_(1.0))
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                full = _empty_full(module.weight)
-                weight_seed = _tensor_seed(seed, f"{canonical_name(name)}.weight")
-                generator = torch.Generator().manual_seed(weight_seed)
-                _copy_full_(module.weight, full.normal_(0.0, INIT_STD, generator=generator))
+            init_module_weights(module, name, seed)
         self.init_buffers()
 
     @torch.no_grad()
@@ -271,6 +265,20 @@ class Llama(nn.Module):
         cfg = self.cfg
         matmul_params = cfg.num_params - cfg.vocab_size * cfg.dim
         return 6 * matmul_params + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+@torch.no_grad()
+def init_module_weights(module: nn.Module, name: str, seed: int = 0) -> None:
+    """Fill ``module``'s own weight as ``Llama.init_weights`` does (``name`` is the module's
+    name in the model); other modules have none to fill. One module at a time, for engines
+    that materialise one module's parameters at a time (DeepSpeed ZeRO-3)."""
+    if isinstance(module, RMSNorm):
+        _copy_full_(module.weight, _empty_full(module.weight).fill_(1.0))
+    elif isinstance(module, (nn.Linear, nn.Embedding)):
+        full = _empty_full(module.weight)
+        weight_seed = _tensor_seed(seed, f"{canonical_name(name)}.weight")
+        generator = torch.Generator().manual_seed(weight_seed)
+        _copy_full_(module.weight, full.normal_(0.0, INIT_STD, generator=generator))
 
 
 def _tensor_seed(seed: int, name: str) -> int:

@@ -1,8 +1,8 @@
 """LotusAdamW: AdamW whose projected groups run Adam in a low-rank, adaptively refreshed basis.
 
-The Lotus step for one projected matrix (``_lowrank_step``) reads top to bottom:
-refresh the basis if a switch was decided last step, project the gradient, let the switch
-policy look at it, run Adam on the low-rank coordinates, project the update back.
+The Lotus step for projected matrices reads top to bottom (``prepare`` then ``_update``):
+refresh the bases a switch decided on last step, project the gradients, let the switch
+policy look at them, run Adam on the low-rank coordinates, add the update back.
 
 Param groups are GaLore-compatible: a group with ``rank`` is projected, with
 ``update_proj_gap``, ``scale`` and ``proj_type`` meaning what they mean in GaLore, and
@@ -17,20 +17,25 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
 from lotus_dist.comm import LocalComm, local_view, partial_dot
 from lotus_dist.precision import compute_dtype, no_autocast, upcast, without_autocast
+from lotus_dist.projected_linear import Projection, ProjectionSite, install_projected_backward
 from lotus_dist.projection import (
     PROJ_TYPES,
     PROJECTIONS,
+    REFRESH_BATCH_BYTES,
+    add_projected_back,
     align_signs,
     grassmann_step,
     projected_dim,
     projection_side,
     random_basis,
     refresh_generator,
+    rsvd_bases,
     rsvd_basis,
-    svd_basis,
+    rsvd_batch_size,
 )
 from lotus_dist.switching import SWITCH_POLICIES, ConsumedGrad
 
@@ -88,6 +93,10 @@ class LotusAdamW(torch.optim.Optimizer):
         **defaults: overrides of ``DEFAULTS`` for every group.
     """
 
+    #: Whether ``prepare`` checks the gradients for inf/NaN (one host sync); a subclass
+    #: whose wrapper steps only after its own global check (DeepSpeed) turns it off.
+    checks_finite = True
+
     def __init__(self, params: Iterable, *, seed: int = 0, nonfinite: str = "skip",
                  per_layer: bool = False, comm: LocalComm | None = None,
                  foreach: bool = True, **defaults: Any) -> None:
@@ -105,6 +114,10 @@ class LotusAdamW(torch.optim.Optimizer):
         self._comm = comm if comm is not None else LocalComm()
         self._lowrank: dict[torch.Tensor, torch.Tensor] = {}  # R per matrix, from prepare()
         self._fresh: dict[torch.Tensor, torch.Tensor] = {}  # bases refreshed, for the check
+        #: Per-layer mode: (parameter, device-side finite flag) that step() still reads.
+        self._unsettled: list[tuple[torch.Tensor, torch.Tensor]] = []
+        #: Projected backward (``project_in_backward``): the linear of each projected weight.
+        self._sites: dict[torch.Tensor, ProjectionSite] = {}
         self._prepared = False
         #: In per-layer mode, False on micro-batches that only accumulate gradients.
         self.accumulation_boundary = True
@@ -161,6 +174,38 @@ class LotusAdamW(torch.optim.Optimizer):
         side = projection_side(p.shape, self._group_of[p]["proj_type"])
         return self.comm.full_basis(p, state["basis"], side), side
 
+    def project_in_backward(self, model: nn.Module) -> None:
+        """Make the backward of every projected weight's linear yield R in the current
+        basis instead of the full gradient (``lotus_dist.projected_linear``): outside
+        refresh steps ``p.grad`` stays None and ``prepare()`` takes R from the linear.
+        A step that refreshes ``p`` (decided the step before) forms its whole gradient.
+        Energy telemetry (||R|| / ||G||) is then only known on refresh steps."""
+        if self.per_layer:
+            raise ValueError("project_in_backward: per-layer mode steps on full gradients")
+        self._sites = install_projected_backward(model, self.projected_params(),
+                                                 self._backward_projection)
+
+    def _backward_projection(self, p: torch.Tensor) -> Projection:
+        """What the projected backward of ``p`` uses this step (``current_basis``'s
+        rule): None where the step refreshes; else the whole basis on demand, so that
+        under FSDP a row-sharded basis is gathered where it is used and then freed."""
+        state = self.state.get(p, {})
+        if "basis" not in state or state["refresh_pending"]:
+            return None
+        group = self._group_of[p]
+        side = projection_side(p.shape, group["proj_type"])
+        return (lambda: self.comm.full_basis(p, state["basis"], side)), side, group["rank"]
+
+    def projection_sites(self) -> dict[torch.Tensor, ProjectionSite]:
+        """The projected linear of each weight (``project_in_backward``), by weight."""
+        return dict(self._sites)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Also drop R the projected backward summed for a step that was not taken."""
+        super().zero_grad(set_to_none)
+        for site in self._sites.values():
+            site.take()
+
     # ----------------------------------------------------------------- stepping
 
     @torch.no_grad()
@@ -175,12 +220,13 @@ class LotusAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.settle_nonfinite()
         if not self._prepared and not self.prepare():
             return loss
         self._prepared = False
         with no_autocast():  # the closure's forward keeps the caller's autocast
             self._update([(g, p) for g in self.param_groups for p in g["params"]
-                          if p.grad is not None])
+                          if p.grad is not None or p in self._lowrank])
         return loss
 
     @torch.no_grad()
@@ -193,19 +239,26 @@ class LotusAdamW(torch.optim.Optimizer):
         inf/NaN: nothing was refreshed and the caller must not call ``step()``. Engines
         call it before clipping on ``consumed_grad_norm()``; ``step()`` calls it itself.
         """
-        items = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        # R the projected backward formed (no refresh was due for those matrices)
+        summed = [(p, r, projection_side(p.shape, self._group_of[p]["proj_type"]))
+                  for p, site in self._sites.items() if (r := site.take()) is not None]
+        delivered = dict(zip([p for p, _, _ in summed], self.comm.backward_lowrank(summed)))
+        items = [(g, p) for g in self.param_groups for p in g["params"]
+                 if p.grad is not None or p in delivered]
         if not items:
             return False
-        if not self.comm.agree(_all_finite([local_view(p.grad) for _, p in items])):
+        checked = [local_view(delivered[p]) if p in delivered else local_view(p.grad)
+                   for _, p in items]
+        if self.checks_finite and not self.comm.agree(_all_finite(checked)):
             self._on_nonfinite("step")
             return False
         projected = [(group, p) for group, p in items if "rank" in group]
-        for group, p in projected:
-            self._refresh_if_due(group, p)
+        self._refresh_if_due(projected)
         # every matrix's R in one call, so that the comm can reduce them in one bucket
         wanted = [(p, self.state[p]["basis"], projection_side(p.shape, group["proj_type"]))
-                  for group, p in projected]
-        self._lowrank.update(zip([p for _, p in projected], self.comm.lowrank_grads(wanted)))
+                  for group, p in projected if p not in delivered]
+        self._lowrank.update(zip([p for p, _, _ in wanted], self.comm.lowrank_grads(wanted)))
+        self._lowrank.update(delivered)
         if self.comm.check_consistency:
             # a basis refreshed this step as each rank computed it: a sharded store
             # would assemble rows from different ranks into one agreeing basis
@@ -248,11 +301,19 @@ class LotusAdamW(torch.optim.Optimizer):
                 "optim.nonfinite=skip to skip such steps, or lower the learning rate")
         self.skipped_steps += 1
 
-    def _update(self, items: list[tuple[dict, torch.Tensor]]) -> None:
+    def _update(self, items: list[tuple[dict, torch.Tensor]],
+                ok: torch.Tensor | None = None) -> torch.Tensor | None:
         """Update parameters; switch statistics of all matrices share one reduce, and the
         elementwise Adam work of all parameters of a group runs as one foreach kernel per
         operation (``foreach``), so 224 matrices do not mean 224 launches per op. Each
-        projected matrix's full-size update is applied as soon as it is formed."""
+        projected matrix's update goes straight into the parameter.
+
+        ``ok`` (per-layer mode) is the device-side finite flag of the one parameter in
+        ``items``, whose gradient was zeroed where it is false: the update is then a
+        no-op. Where the step needs host numbers anyway (a switch check, the recovery
+        limiter) the flag is read there and a non-finite parameter is skipped at once.
+        Returns the flag still to be settled (``settle_nonfinite``), else None.
+        """
         lowrank, plain = [], []
         for group, p in items:
             if "rank" in group:
@@ -262,23 +323,34 @@ class LotusAdamW(torch.optim.Optimizer):
         if plain:
             for _, p in plain:
                 _init_moments(self.state[p], p)
-            directions = self._adam_directions([(g, self.state[p], p.grad) for g, p in plain])
-            self._apply_updates([(g, p, d) for (g, p), d in zip(plain, directions)])
+            directions = self._adam_directions([(g, self.state[p], p.grad) for g, p in plain],
+                                               ok)
+            self._apply_updates([(g, p, d) for (g, p), d in zip(plain, directions)], ok)
         if not lowrank:
-            return
+            return ok
         grads = [self._consumed_grad(g, p) for g, p, _ in lowrank]
         stats = [SWITCH_POLICIES[g["switch"]].stats(g, self.state[p], r, grad)
                  for (g, p, r), grad in zip(lowrank, grads)]
+        if ok is not None and (any(s is not None for s in stats)
+                               or any(g["recovery_scaling"] for g, _, _ in lowrank)):
+            if not bool(ok):  # the host reads this step's numbers anyway: settle now
+                for _, p, _ in lowrank:
+                    self.state[p]["steps_since_refresh"] -= 1
+                self._on_nonfinite(f"parameter #{self._index[lowrank[0][1]]}")
+                return None
+            ok = None
         reduced = self._reduce_stats(stats)
         for (group, p, r), grad, s in zip(lowrank, grads, reduced):
             SWITCH_POLICIES[group["switch"]].decide(group, self.state[p], r, grad, s)
             _init_moments(self.state[p], r)
         self._apply_lowrank(lowrank, self._adam_directions(
-            [(g, self.state[p], r) for g, p, r in lowrank]))
+            [(g, self.state[p], r) for g, p, r in lowrank], ok), ok)
+        return ok
 
     def _consumed_grad(self, group: dict, p: torch.Tensor) -> ConsumedGrad:
-        """What a switch policy may read of ``p``'s gradient (nothing under low-rank DDP)."""
-        if not self.comm.exposes_full_grad:
+        """What a switch policy may read of ``p``'s gradient: nothing under low-rank DDP,
+        nor where the projected backward delivered only R."""
+        if not self.comm.exposes_full_grad or p.grad is None:
             return ConsumedGrad(None)
         side = projection_side(p.shape, group["proj_type"])
         return ConsumedGrad(p.grad, lambda basis: self.comm.lowrank_grad(p, basis, side))
@@ -303,39 +375,109 @@ class LotusAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- the Lotus step
 
-    def _refresh_if_due(self, group: dict, p: torch.Tensor) -> None:
-        """Refresh the basis if a switch was decided (or there is none yet); else count."""
-        state = self.state[p]
-        if "basis" not in state or state["refresh_pending"]:
-            self._refresh(group, p, state, projection_side(p.shape, group["proj_type"]))
-        else:
-            state["steps_since_refresh"] += 1
+    def _refresh_if_due(self, items: list[tuple[dict, torch.Tensor]]) -> None:
+        """Refresh, in one burst (``_refresh``), the bases of the (group, p) of ``items``
+        where a switch was decided (or there is none yet); count a step for the rest."""
+        due = []
+        for group, p in items:
+            state = self.state[p]
+            if "basis" not in state or state["refresh_pending"]:
+                due.append((group, p))
+            else:
+                state["steps_since_refresh"] += 1
+        if due:
+            self._refresh(due)
 
     def _refresh_and_project(self, group: dict, p: torch.Tensor) -> torch.Tensor:
         """Refresh the basis if due, then return R, the low-rank gradient (fp32)."""
-        self._refresh_if_due(group, p)
+        self._refresh_if_due([(group, p)])
         side = projection_side(p.shape, group["proj_type"])
         return self.comm.lowrank_grad(p, self.state[p]["basis"], side)
 
-    def _refresh(self, group: dict, p: torch.Tensor, state: dict, side: str) -> None:
-        grad, rank = local_view(p.grad), group["rank"]  # a sharded gradient's local part
+    def _refresh(self, due: list[tuple[dict, torch.Tensor]]) -> None:
+        """New bases for the (group, p) of ``due``, computed together rather than one
+        matrix at a time (step 1 refreshes every matrix, and adaptive refreshes tend to
+        come together):
+
+        * exact SVDs (``svd``, Grassmann's first basis) are shared out over the ranks,
+          each computing its share and broadcasting it (``comm.svd_bases``);
+        * rSVDs of matrices alike in local shape, side, layout, rank, oversampling and
+          power iterations run as one batched rSVD (``rsvd_bases``), one collective per
+          sketch stage for the whole batch, at most ``rsvd_batch_size`` at once. Each
+          matrix draws its test matrix from its own ``refresh_generator``, so its numbers
+          do not depend on which others refresh with it;
+        * random and Grassmann bases one at a time.
+
+        Each batch is installed (``_install_basis``) before the next is computed, so the
+        whole new bases of one batch at most exist at once. Every rank forms the same
+        batches in the same order: ``due`` and the options are the same everywhere.
+        """
+        svd, rsvd, single = [], {}, []
+        for group, p in due:
+            side = projection_side(p.shape, group["proj_type"])
+            kind = group["projection"]
+            if kind == "svd" or (kind == "grassmann" and not self.state[p].get("refresh_count")):
+                svd.append((group, p, side))
+            elif kind == "rsvd":
+                comm, grad = self.comm.rsvd_comm(p, side), local_view(p.grad)
+                key = (grad.shape, grad.dtype, grad.device, side, group["rank"],
+                       group["oversample"], group["power_iters"], comm.layout)
+                rsvd.setdefault(key, (comm, []))[1].append((group, p, side))
+            else:
+                single.append((group, p, side))
+        if svd:
+            # at least one matrix per rank, so that every rank has its share of each batch
+            itemsize = max(compute_dtype(local_view(p.grad)).itemsize for _, p, _ in svd)
+            whole = max(projected_dim(p.shape, side) * g["rank"] for g, p, side in svd)
+            size = max(self.comm.world, REFRESH_BATCH_BYTES // (whole * itemsize))
+            for start in range(0, len(svd), size):
+                batch = svd[start:start + size]
+                bases = self.comm.svd_bases([(p, g["rank"], side) for g, p, side in batch])
+                for (group, p, side), basis in zip(batch, bases):
+                    self._install_basis(group, p, side, basis, replicated=True)
+        for comm, members in rsvd.values():  # the first matrix's comm serves its key
+            group, p, side = members[0]
+            rank = group["rank"]
+            options = {"oversample": group["oversample"], "power_iters": group["power_iters"],
+                       "comm": comm}
+            size = rsvd_batch_size(local_view(p.grad), rank, side, group["oversample"], comm)
+            for start in range(0, len(members), size):
+                batch = members[start:start + size]
+                grads = [local_view(p.grad) for _, p, _ in batch]
+                gens = [self._generator(p) for _, p, _ in batch]
+                # one matrix through the per-matrix entry point (the one tools wrap)
+                bases = (rsvd_bases(grads, rank, side, generators=gens, **options)
+                         if len(batch) > 1 else
+                         [rsvd_basis(grads[0], rank, side, generator=gens[0], **options)])
+                for (group, p, side), basis in zip(batch, bases):
+                    self._install_basis(group, p, side, basis)
+        for group, p, side in single:
+            if group["projection"] == "random":
+                grad = local_view(p.grad)
+                basis = random_basis(projected_dim(p.shape, side), group["rank"],
+                                     self._generator(p), grad.device, compute_dtype(grad))
+                self._install_basis(group, p, side, basis)
+            else:
+                old = self.comm.full_basis(p, self.state[p]["basis"], side)
+                basis = grassmann_step(old, group["walk_step"], self._generator(p))
+                self._install_basis(group, p, side, basis, old=old)
+
+    def _generator(self, p: torch.Tensor) -> torch.Generator:
+        """The random stream of ``p``'s next refresh (its test matrix or random basis)."""
+        return refresh_generator(self.seed, self._index[p], self.state[p].get("refresh_count", 0))
+
+    def _install_basis(self, group: dict, p: torch.Tensor, side: str, basis: torch.Tensor, *,
+                       old: torch.Tensor | None = None, replicated: bool = False) -> None:
+        """Make the whole ``basis`` ``p``'s: signs aligned with the old basis (``old``,
+        gathered here when not given), moments carried, the refresh recorded and the
+        switch policy restarted, then stored as the comm keeps it (``replicated``: the
+        basis is bitwise the same on every rank already)."""
+        state = self.state[p]
         count = state.get("refresh_count", 0)
-        gen = refresh_generator(self.seed, self._index[p], count)
-        kind = group["projection"]
-        old = self.comm.full_basis(p, state["basis"], side) if "basis" in state else None
-        if kind == "svd" or (kind == "grassmann" and count == 0):
-            basis = svd_basis(self.comm.full_grad(p), rank, side)
-        elif kind == "rsvd":
-            basis = rsvd_basis(grad, rank, side, oversample=group["oversample"],
-                               power_iters=group["power_iters"], generator=gen,
-                               comm=self.comm.rsvd_comm(p, side))
-        elif kind == "random":
-            basis = random_basis(projected_dim(p.shape, side), rank, gen, grad.device,
-                                 compute_dtype(grad))
-        else:
-            basis = grassmann_step(old, group["walk_step"], gen)
+        if old is None and "basis" in state:
+            old = self.comm.full_basis(p, state["basis"], side)
         if old is not None:
-            if kind != "svd":  # exact SVD keeps GaLore's own signs
+            if group["projection"] != "svd":  # exact SVD keeps GaLore's own signs
                 basis = align_signs(basis, old)
             self._carry_moments(group, state, old, basis, side)
             _record_interval(state, state["steps_since_refresh"])
@@ -351,7 +493,7 @@ class LotusAdamW(torch.optim.Optimizer):
             group, state, refresh_generator(self.seed, self._index[p], count, stream=1))
         if self.comm.check_consistency:
             self._fresh[p] = basis.clone()  # as computed: store_basis may overwrite it
-        state["basis"] = self.comm.store_basis(p, basis, side)  # whole until here
+        state["basis"] = self.comm.store_basis(p, basis, side, replicated)  # whole until here
 
     def _carry_moments(self, group: dict, state: dict, old: torch.Tensor, new: torch.Tensor,
                        side: str) -> None:
@@ -371,12 +513,14 @@ class LotusAdamW(torch.optim.Optimizer):
         v.copy_(v_new)
 
     def _apply_lowrank(self, lowrank: list[tuple[dict, torch.Tensor, torch.Tensor]],
-                       directions: list[torch.Tensor]) -> None:
-        """Update each projected ``p`` (its local part) from Adam's low-rank direction N,
-        one matrix at a time, so that only one full-size update exists at once. The
-        recovery terms' norms share one reduce and one host copy: a first pass computes
-        each term's squared norm and drops the term, the second recomputes it (cheaper
-        than holding every matrix's full-size term until the reduce)."""
+                       directions: list[torch.Tensor], ok: torch.Tensor | None = None) -> None:
+        """Update each projected ``p`` (its local part) from Adam's low-rank direction N:
+        ``p += -step * scale * back(N)`` is one ``addmm_`` into the parameter, so no
+        full-size update is formed. With recovery scaling the update is formed, one
+        matrix at a time; the recovery terms' norms share one reduce and one host copy: a
+        first pass computes each term's squared norm and drops the term, the second
+        recomputes it (cheaper than holding every matrix's full-size term until the
+        reduce). ``ok`` masks the weight decay (per-layer mode, ``_per_layer_hook``)."""
         recovery = [i for i, (group, _, _) in enumerate(lowrank) if group["recovery_scaling"]]
         norms: dict[int, float] = {}
         if recovery:
@@ -386,12 +530,20 @@ class LotusAdamW(torch.optim.Optimizer):
         for i, ((group, p, r), norm_r) in enumerate(zip(lowrank, directions)):
             state = self.state[p]
             side = projection_side(p.shape, group["proj_type"])
-            update = self.comm.project_back(p, norm_r, state["basis"], side).mul_(group["scale"])
+            step_size = _step_size(group, state["step"])
+            local = local_view(p)  # a sharded parameter updates its local shard, in place
             if i in norms:
+                update = self.comm.project_back(p, norm_r, state["basis"], side)
+                update.mul_(group["scale"])
                 # Fira adds the residual term without GaLore's scale (docs/algorithm.md)
-                term = self._recovery(group, p, r, norm_r)
-                update += _limit_recovery(group, state, term, norms[i])
-            _apply_update(group, p, state, update)
+                update += _limit_recovery(group, state, self._recovery(group, p, r, norm_r),
+                                          norms[i])
+                local.add_(update.to(local.dtype), alpha=-step_size)
+            else:
+                add_projected_back(local, local_view(norm_r),
+                                   self.comm.back_basis(p, state["basis"], side), side,
+                                   alpha=-step_size * group["scale"])
+            _decay(group, local, ok)
 
     def _recovery(self, group: dict, p: torch.Tensor, r: torch.Tensor,
                   norm_r: torch.Tensor) -> torch.Tensor:
@@ -401,15 +553,16 @@ class LotusAdamW(torch.optim.Optimizer):
                                                                         side)
         return _recovery_term(residual, local_view(r), local_view(norm_r), side)
 
-    def _adam_directions(self, items: list[tuple[dict, dict, torch.Tensor]]
-                         ) -> list[torch.Tensor]:
+    def _adam_directions(self, items: list[tuple[dict, dict, torch.Tensor]],
+                         ok: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Update the moments of each (group, state, grad) and return m / (sqrt(v) + eps)
         (GaLore's form), on local shards. ``foreach`` runs each operation once per group
-        over all its tensors; the arithmetic of every tensor is the same either way."""
+        over all its tensors; the arithmetic of every tensor is the same either way.
+        ``ok``: a device-side finite flag (per-layer mode, see ``_adam_direction``)."""
         for _, state, _ in items:
             state["step"] += 1
-        if not self.foreach:
-            return [_adam_direction(g, state, grad) for g, state, grad in items]
+        if not self.foreach or ok is not None:
+            return [_adam_direction(g, state, grad, ok) for g, state, grad in items]
         out: dict[int, torch.Tensor] = {}
         for group, members in _by_group(items):
             beta1, beta2 = group["betas"]
@@ -426,12 +579,13 @@ class LotusAdamW(torch.optim.Optimizer):
                 out[i] = d
         return [out[i] for i in range(len(items))]
 
-    def _apply_updates(self, items: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> None:
+    def _apply_updates(self, items: list[tuple[dict, torch.Tensor, torch.Tensor]],
+                       ok: torch.Tensor | None = None) -> None:
         """p -= step_size * direction, then decoupled weight decay, as GaLore's AdamW;
         with ``foreach``, one kernel per (step size, dtype) and per decay factor."""
-        if not self.foreach:
+        if not self.foreach or ok is not None:
             for group, p, direction in items:
-                _apply_update(group, p, self.state[p], direction)
+                _apply_update(group, p, self.state[p], direction, ok)
             return
         steps: dict[tuple[float, torch.dtype], tuple[list, list]] = {}
         decays: dict[float, list[torch.Tensor]] = {}
@@ -469,16 +623,49 @@ class LotusAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     @without_autocast
     def _per_layer_hook(self, p: torch.Tensor) -> None:
+        """Update ``p`` from its summed gradient without a host sync on most steps.
+
+        The finite check is a device-side flag: a non-finite gradient is zeroed and the
+        update made a no-op through the flag (``_update``), and ``step()`` reads every
+        flag of the step in one copy (``settle_nonfinite``) to take back the skipped
+        parameters' step counts. Only a refresh (an rSVD must not see inf/NaN) reads the
+        flag first: one sync per refreshed matrix, on refresh steps only.
+        """
         if not self.accumulation_boundary:
             return
         group = self._group_of[p]
-        if not _all_finite([p.grad]):
-            self._on_nonfinite(f"parameter #{self._index[p]}")
+        state = self.state[p]
+        if "rank" in group and ("basis" not in state or state["refresh_pending"]):
+            if not _all_finite([p.grad]):
+                self._on_nonfinite(f"parameter #{self._index[p]}")
+            else:
+                self._lowrank[p] = self._refresh_and_project(group, p)
+                self._update([(group, p)])
         else:
+            ok = _finite_flag(p.grad)
+            p.grad.masked_fill_(~ok, 0.0)
             if "rank" in group:
                 self._lowrank[p] = self._refresh_and_project(group, p)
-            self._update([(group, p)])
+            pending = self._update([(group, p)], ok)
+            if pending is not None:
+                self._unsettled.append((p, pending))
         p.grad = None
+
+    def settle_nonfinite(self) -> None:
+        """Per-layer mode: read the hooks' finite flags of this step in one host copy; a
+        parameter whose gradient was non-finite was not moved and its moments were kept:
+        take back its step counts and count (or raise) the skip. Engines call it after
+        backward (so the step's skips are counted with it); ``step()`` calls it too."""
+        if not self._unsettled:
+            return
+        pending, self._unsettled = self._unsettled, []
+        for (p, _), fine in zip(pending, torch.stack([ok for _, ok in pending]).tolist()):
+            if not fine:
+                state = self.state[p]
+                state["step"] -= 1
+                if "rank" in self._group_of[p]:
+                    state["steps_since_refresh"] -= 1
+                self._on_nonfinite(f"parameter #{self._index[p]}")
 
     # ----------------------------------------------------------------- state and telemetry
 
@@ -643,14 +830,22 @@ def _by_group(items: list[tuple[dict, dict, torch.Tensor]]
     return list(groups.values())
 
 
-def _adam_direction(group: dict, state: dict, grad: torch.Tensor) -> torch.Tensor:
+def _adam_direction(group: dict, state: dict, grad: torch.Tensor,
+                    ok: torch.Tensor | None = None) -> torch.Tensor:
     """Update the moments with ``grad`` and return m / (sqrt(v) + eps) (GaLore's form);
-    ``state["step"]`` has already been advanced."""
+    ``state["step"]`` has already been advanced.
+
+    With a device-side flag ``ok`` (per-layer mode), ``grad`` is zero where ``ok`` is
+    false; the moments then keep their values and the direction is zero, so the
+    parameter is not moved, and where ``ok`` is true the arithmetic is the unmasked one.
+    """
     beta1, beta2 = group["betas"]
     m, v = state["exp_avg"], state["exp_avg_sq"]
-    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    return m / v.sqrt().add_(group["eps"])
+    m.mul_(beta1 if ok is None else _masked_beta(beta1, ok, m)).add_(grad, alpha=1.0 - beta1)
+    v.mul_(beta2 if ok is None else _masked_beta(beta2, ok, v))
+    v.addcmul_(grad, grad, value=1.0 - beta2)
+    direction = m / v.sqrt().add_(group["eps"])
+    return direction if ok is None else direction.mul_(ok)
 
 
 def _step_size(group: dict, step: int) -> float:
@@ -659,12 +854,35 @@ def _step_size(group: dict, step: int) -> float:
     return group["lr"] * math.sqrt(bias2) / bias1
 
 
-def _apply_update(group: dict, p: torch.Tensor, state: dict, direction: torch.Tensor) -> None:
+def _apply_update(group: dict, p: torch.Tensor, state: dict, direction: torch.Tensor,
+                  ok: torch.Tensor | None = None) -> None:
     """p -= step_size * direction, then decoupled weight decay, as GaLore's AdamW."""
     p = local_view(p)  # a sharded parameter updates its local shard, in place
     p.add_(local_view(direction).to(p.dtype), alpha=-_step_size(group, state["step"]))
+    _decay(group, p, ok)
+
+
+def _decay(group: dict, p: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+    """Decoupled weight decay p -= lr * wd * p, after the Adam step (GaLore's order).
+
+    A device-side flag ``ok`` (per-layer mode) multiplies the decayed copy: p * 1 is p
+    exactly, so the kernel and its rounding are those of the unmasked decay.
+    """
     if group["weight_decay"] > 0.0:
-        p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        factor = group["lr"] * group["weight_decay"]
+        p.add_(p if ok is None else p * ok.to(p.dtype), alpha=-factor)
+
+
+def _finite_flag(t: torch.Tensor) -> torch.Tensor:
+    """True on the device iff ``t`` holds no inf/NaN (its norm is finite); no host sync."""
+    return torch._foreach_norm([t])[0].isfinite()
+
+
+def _masked_beta(beta: float, ok: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``beta`` where ``ok``, else 1 (a moment then keeps its value), as a 0-dim tensor
+    of ``like``'s dtype: the same multiplier as the scalar ``beta``, without a copy from
+    the host (``torch.full`` fills on the device)."""
+    return torch.where(ok, torch.full((), beta, dtype=like.dtype, device=like.device), 1.0)
 
 
 def _recovery_term(residual: torch.Tensor, r: torch.Tensor, norm_r: torch.Tensor,

@@ -19,17 +19,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from lotus_dist.precision import upcast
+from lotus_dist.precision import compute_dtype, upcast
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJECTIONS = ("svd", "rsvd", "random", "grassmann")
+#: Workspace cap of one refresh batch: the test matrices, sketches and co-sketches of a
+#: batched rSVD (``rsvd_batch_size``), the whole bases of a shared burst of exact SVDs.
+#: At 7b (rank 1024) a refresh of all 224 matrices then runs as batches of 4 (MLP) to 7
+#: (attention) rSVDs instead of allocating every sketch at once.
+REFRESH_BATCH_BYTES = 512 * 2**20
 
 
 @contextlib.contextmanager
@@ -87,6 +92,22 @@ def project(grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
 def project_back(low_rank: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
     """Map low-rank coordinates back to the weight's shape (in the compute dtype)."""
     return basis @ low_rank if side == "left" else low_rank @ basis.T
+
+
+@_with_precision("tf32")
+def add_projected_back(out: torch.Tensor, low_rank: torch.Tensor, basis: torch.Tensor,
+                       side: str, alpha: float) -> None:
+    """out += alpha * project_back(low_rank, basis, side), in place.
+
+    One ``addmm_`` where ``out`` has the compute dtype, so the full-size update is never
+    formed (a 4096 x 11008 fp32 temporary per matrix at 7B) and the scale, the step size
+    and the add are one kernel; other dtypes (a bf16 parameter) form it and cast.
+    """
+    a, b = (basis, low_rank) if side == "left" else (low_rank, basis.T)
+    if out.dtype == a.dtype:
+        out.addmm_(a, b, alpha=alpha)
+    else:
+        out.add_((a @ b).to(out.dtype), alpha=alpha)
 
 
 def refresh_generator(seed: int, param_index: int, refresh_count: int,
@@ -156,9 +177,11 @@ class RsvdComm:
     * A replicated per rank, the target being the rank mean (DDP): ``sketch`` and
       ``cosketch`` average over ranks and the Grams are then local.
 
-    Every collective is a (d or k) x l sketch or an l x l Gram (fp64), never a full
-    gradient. ``shape`` is the (d, k) of the whole A where a shard is passed: the sketch
-    width and Omega are drawn for it, so every world size draws the same numbers.
+    Every collective is a batch (b, d or k, l) of sketches or (b, l, l) of Grams (fp64),
+    one per matrix of a batched rSVD (``rsvd_bases``), never a full gradient: a batch
+    costs one collective per stage, not one per matrix. ``shape`` is the (d, k) of the
+    whole A where a shard is passed: the sketch width and Omega are drawn for it, so
+    every world size draws the same numbers.
     """
 
     sketch: Reduce = _identity
@@ -169,11 +192,17 @@ class RsvdComm:
     rows: slice | None = None
 
     def own_rows(self, q: torch.Tensor) -> torch.Tensor:
-        """The rows of a d-row sketch that meet this shard's rows of A."""
-        return q if self.rows is None else q[self.rows]
+        """The rows of (a batch of) d-row sketches that meet this shard's rows of A."""
+        return q if self.rows is None else q[..., self.rows, :]
+
+    @property
+    def layout(self) -> tuple:
+        """(shape, columns, rows), hashable: matrices with the same local shape and layout
+        reduce alike, so one batched rSVD can serve them all."""
+        spans = tuple(None if s is None else (s.start, s.stop) for s in (self.columns, self.rows))
+        return (self.shape, *spans)
 
 
-@_with_precision("ieee")
 def rsvd_basis(
     grad: torch.Tensor,
     rank: int,
@@ -205,39 +234,100 @@ def rsvd_basis(
     the co-sketch on its way into a Gram) are fp64. A caller holding a shard of A says in
     ``comm`` where to reduce and which part of A it holds (or passes its rows of
     ``omega`` itself). Column signs follow ``canonical_signs``; the optimizer then aligns
-    them with the previous basis (``align_signs``).
+    them with the previous basis (``align_signs``). This is ``rsvd_bases`` of one matrix.
     """
-    a = _oriented(grad, side)
-    d, k = comm.shape or a.shape
-    width = min(rank + oversample, d)
     if omega is None:
-        # drawn in fp32 whatever the compute dtype: fp32 and fp64 runs sketch alike
-        omega = draw((k, width), generator, a.device, a.dtype)
-        if comm.columns is not None:
-            omega = omega[comm.columns]
-    y = comm.sketch(a @ omega)
+        return rsvd_bases([grad], rank, side, oversample=oversample, power_iters=power_iters,
+                          generators=[generator], comm=comm)[0]
+    a = _oriented(grad, side)
+    return _rsvd([a], omega.to(a.dtype)[None], rank, power_iters, comm)[0].clone()
+
+
+def rsvd_bases(
+    grads: Sequence[torch.Tensor],
+    rank: int,
+    side: str,
+    *,
+    oversample: int,
+    power_iters: int,
+    generators: Sequence[torch.Generator],
+    comm: RsvdComm = RsvdComm(),
+) -> list[torch.Tensor]:
+    """``rsvd_basis`` of several matrices of one shape and layout at once.
+
+    A refresh burst (step 1 refreshes every matrix) would otherwise run 2 QRs, an eigh
+    (a host sync on CUDA) and 3-4 blocking collectives per matrix; here each stage is one
+    batched QR, Cholesky-QR or eigh and one collective for the whole batch (``comm``
+    reduces the stacked sketches). The products with the gradients run one GEMM per
+    matrix into a shared buffer, so the gradients are never stacked (copied). Matrix i
+    draws its test matrix from ``generators[i]`` exactly as alone, so its numbers do not
+    depend on which others refresh with it. ``rsvd_batch_size`` says how many to pass.
+    """
+    a = [_oriented(g, side) for g in grads]
+    d, k = comm.shape or a[0].shape
+    width = min(rank + oversample, d)
+    # drawn in fp32 on the CPU whatever the compute dtype: fp32 and fp64 runs sketch alike
+    omega = torch.stack([draw((k, width), gen, "cpu") for gen in generators])
+    if comm.columns is not None:
+        omega = omega[:, comm.columns]
+    bases = _rsvd(a, omega.to(a[0].device, a[0].dtype), rank, power_iters, comm)
+    return [b.clone() for b in bases]  # own storage: a stored basis must not pin the batch
+
+
+def rsvd_batch_size(grad: torch.Tensor, rank: int, side: str, oversample: int,
+                    comm: RsvdComm = RsvdComm(),
+                    max_bytes: int = REFRESH_BATCH_BYTES) -> int:
+    """How many matrices like ``grad`` (this rank's part) one ``rsvd_bases`` call may
+    take within ``max_bytes``: per matrix its test matrix, co-sketch, sketch and Q (about
+    2 (d + k) l numbers), plus a compute-dtype copy of a low-precision gradient."""
+    rows, cols = grad.shape if side == "left" else grad.shape[::-1]
+    d = (comm.shape or (rows, cols))[0]
+    dtype = compute_dtype(grad)
+    per = 2 * (d + cols) * min(rank + oversample, d) * dtype.itemsize
+    if grad.dtype != dtype:
+        per += grad.numel() * dtype.itemsize
+    return max(1, max_bytes // per)
+
+
+@_with_precision("ieee")
+def _rsvd(a: list[torch.Tensor], omega: torch.Tensor, rank: int, power_iters: int,
+          comm: RsvdComm) -> torch.Tensor:
+    """The rSVD of ``rsvd_basis`` on the oriented matrices ``a`` (this rank's parts) with
+    their test matrices ``omega`` (b, k, l): the (b, d, rank) bases."""
+    y = comm.sketch(_times(a, omega))
     for _ in range(power_iters):
-        z = comm.cosketch(a.T @ comm.own_rows(orthonormalize(y)))
-        y = comm.sketch(a @ _gram_orthonormalize(z, comm.gram))
+        z = comm.cosketch(_times(a, comm.own_rows(orthonormalize(y)), transpose=True))
+        y = comm.sketch(_times(a, _gram_orthonormalize(z, comm.gram)))
     q = orthonormalize(y)
-    bt = comm.cosketch(a.T @ comm.own_rows(q))  # B^T, k x l
+    bt = comm.cosketch(_times(a, comm.own_rows(q), transpose=True))  # B^T, (b, k, l)
     _, evecs = torch.linalg.eigh(comm.gram(_gram64(bt)))  # ascending eigenvalues
-    top = evecs[:, -rank:].flip(-1).to(q.dtype)
-    return canonical_signs(q @ top).contiguous()
+    top = evecs[..., -rank:].flip(-1).to(q.dtype)
+    return canonical_signs(q @ top)
+
+
+def _times(a: list[torch.Tensor], x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """(b, ., l): A_i X_i (A_i^T X_i with ``transpose``) for each matrix of the batch, one
+    GEMM each into one buffer."""
+    mats = [t.T for t in a] if transpose else a
+    out = x.new_empty((len(mats), mats[0].shape[0], x.shape[-1]))
+    for mat, xi, oi in zip(mats, x, out):
+        torch.matmul(mat, xi, out=oi)
+    return out
 
 
 def _gram64(x: torch.Tensor, rows: int = 1024) -> torch.Tensor:
-    """X^T X in fp64 for an fp32 X (k x l), converting ``rows`` rows at a time so that
-    the fp64 workspace stays at rows x l, not k x l."""
-    out = x.new_zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-    for part in x.split(rows):
+    """X_i^T X_i in fp64 for each fp32 X_i of a batch (b, k, l), converting ``rows`` rows
+    at a time so that the fp64 workspace stays at b x rows x l, not b x k x l."""
+    out = x.new_zeros((x.shape[0], x.shape[-1], x.shape[-1]), dtype=torch.float64)
+    for part in x.split(rows, dim=-2):
         part = part.double()
-        out.addmm_(part.T, part)
+        out.baddbmm_(part.mT, part)
     return out
 
 
 def _gram_orthonormalize(z: torch.Tensor, gram: Reduce) -> torch.Tensor:
-    """Columns spanning those of ``z`` (k x l, its rows possibly sharded), orthonormal.
+    """Columns spanning those of each Z of a batch (b, k, l, rows possibly sharded),
+    orthonormal.
 
     Shifted Cholesky-QR (Fukaya et al. 2020) through the fp64 Gram Z^T Z, which ``gram``
     sums over shards: with Z scaled to unit Frobenius norm, Z R^-1 where
@@ -247,28 +337,33 @@ def _gram_orthonormalize(z: torch.Tensor, gram: Reduce) -> torch.Tensor:
     resolves singular-value ratios down to ~1e-7, as far as fp32 data carries them. R^-1
     is applied in fp32: its rounding lands in the k-space of Z and reaches the sketch
     only through A, which damps it like any direction outside the top ones.
+
+    Everything is per matrix and stays on the device (no host sync per matrix): a zero
+    Z (a zero gradient, nothing to span) is scaled by 1 instead of by its zero trace,
+    and stays zero through the finite R^-1 of the shift alone.
     """
     g = gram(_gram64(z))
-    trace = float(g.diagonal().sum())  # the same on every rank: g is reduced
-    if not trace > 0:
-        return z  # a zero gradient: nothing to span
-    g /= trace
-    g.diagonal().add_(g.shape[0] * torch.finfo(torch.float64).eps)
-    upper = torch.linalg.cholesky(g, upper=True)
-    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    trace = g.diagonal(dim1=-2, dim2=-1).sum(-1)  # the same on every rank: g is reduced
+    trace = torch.where(trace > 0, trace, 1.0)
+    g /= trace[:, None, None]
+    g.diagonal(dim1=-2, dim2=-1).add_(g.shape[-1] * torch.finfo(torch.float64).eps)
+    upper, _ = torch.linalg.cholesky_ex(g, upper=True)  # positive definite by the shift
+    eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
     inverse = torch.linalg.solve_triangular(upper, eye, upper=True)
-    return z.div_(math.sqrt(trace)) @ inverse.to(z.dtype)  # z is a fresh co-sketch
+    # z is a fresh co-sketch
+    return z.div_(trace.sqrt().to(z.dtype)[:, None, None]) @ inverse.to(z.dtype)
 
 
 def canonical_signs(basis: torch.Tensor) -> torch.Tensor:
-    """Flip each column so that its largest-magnitude entry is positive.
+    """Flip each column (of a basis or a batch of them) so that its largest-magnitude
+    entry is positive.
 
     Singular vectors are defined up to sign; a rule on the vectors themselves (not on
     the sketch's coordinates, whose signs follow the random test matrix) makes a
     refresh's signs a function of the subspace, and keeps runs that differ only by
     summation order (1 vs N ranks) on the same basis.
     """
-    pivot = basis.gather(0, basis.abs().argmax(dim=0, keepdim=True))
+    pivot = basis.gather(-2, basis.abs().argmax(dim=-2, keepdim=True))
     return basis * torch.where(pivot < 0, -1.0, 1.0).to(basis.dtype)
 
 

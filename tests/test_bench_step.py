@@ -45,3 +45,19 @@ def test_bench_step_reports_every_optimizer_with_refreshes_and_consistent_ratios
             rows[a]["optimizer_mean_ms"] / rows[b]["optimizer_mean_ms"])
     assert set(report["targets"]["tiny"]) == {"lotus_total_le_1.05x_adamw",
                                               "lotus_total_le_galore"}
+
+
+def test_bench_step_times_the_projected_backward_against_lotus(
+        small_corpus: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    corpus, tokenizer = small_corpus
+    overrides = [f"data.path={corpus}", f"data.tokenizer={tokenizer}",
+                 "training.batch_size=4", "training.micro_batch_size=2", "training.seq_len=32"]
+    main(["--sizes", "tiny", "--optimizers", "lotus,lotus_pb", "--steps", "2",
+          "--warmup-steps", "1", "--block", "1", "--repeats", "1", "--device", "cpu",
+          *(arg for o in overrides for arg in ("--set", o))])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {row["optimizer"]: row for row in report["rows"]}
+    assert set(rows) == {"lotus", "lotus_pb"}
+    ratios = report["ratios"]["tiny"]
+    assert ratios["lotus_pb/lotus"] == pytest.approx(
+        rows["lotus_pb"]["total_s"] / rows["lotus"]["total_s"])

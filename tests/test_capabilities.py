@@ -31,6 +31,9 @@ TURN_ON: dict[str, tuple[list[str], dict]] = {
     "optim.per_layer=true": (["optim.per_layer=true"], {}),
     "optim.per_layer=true with training.grad_clip>0":
         (["optim.per_layer=true", "training.grad_clip=1.0"], {}),
+    "optim.projected_backward=true": (["optim.projected_backward=true"], {}),
+    "optim.projected_backward=true with a full-gradient setting":
+        (["optim.projected_backward=true", "optim.recovery_scaling=true"], {}),
     "training.clip_on=consumed": (["training.clip_on=consumed"], {}),
     "training.clip_on=gradient": (["training.clip_on=gradient"], {}),
     "optim.switch=path_efficiency": (["optim.switch=path_efficiency"], {}),

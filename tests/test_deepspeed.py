@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ pytest.importorskip("deepspeed")
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from launcher.capabilities import plan_run
 from launcher.config import ConfigError, load_config
@@ -279,6 +281,9 @@ def test_fp32_reduction_and_accumulation_are_the_default(tmp_path, json_text, dt
     ('{"optimizer": {"type": "Adam"}}', "the optimizer comes from optim.*"),
     ('{"scheduler": {"type": "WarmupLR"}}', "schedule comes from training.warmup_steps"),
     ('{"fp16": {"enabled": true}}', "use training.dtype=bf16"),
+    ('{"zero_optimization": {"stage": 2, "compute_grad_norm": false}}',
+     "remove zero_optimization.compute_grad_norm=false"),
+    ('{"bf16": {"check_grad_overflow": false}}', "remove bf16.check_grad_overflow=false"),
 ])
 def test_a_json_that_contradicts_the_config_is_refused(tmp_path, json_text, message):
     path = tmp_path / "ds.json"
@@ -472,6 +477,68 @@ def test_sharded_telemetry_is_one_host_sync_and_holds_the_owners_rows(monkeypatc
     assert repr(got) == repr({name: want[name] for name in got})  # NaN: no interval yet
 
 
+def zero_rank0(world_size: int = 2) -> tuple[ZeroLotusAdamW, list[list[tuple[str | None, int]]]]:
+    """Rank 0's ZeroLotusAdamW at ZeRO-1/2, bound, with (name or None for padding, numel)
+    of each group's tensors in DeepSpeed's flat order."""
+    rank_model, lotus = tiny_lotus()
+    names = {id(p): name for name, p in rank_model.named_parameters()}
+    opt = ZeroLotusAdamW.from_lotus(lotus)
+    opt.regroup_for_zero(world_size)
+    laid_out = [[(names.get(id(p)), p.numel()) for p in params]
+                for params in zero_partition(opt, world_size, 0)]
+    opt.bind(zero_wrapper())
+    return opt, laid_out
+
+
+def step_as_zero_does(opt: ZeroLotusAdamW, laid_out: list[list[tuple[str | None, int]]],
+                      grads: dict[str, torch.Tensor], world_size: int = 2) -> None:
+    """Rank 0's gradient partitions, then one ``step`` per param group with
+    ``param_groups`` narrowed to it, as DeepSpeed's ZeRO-1/2 optimizer steps."""
+    groups = opt.param_groups
+    for group, tensors in zip(groups, laid_out):
+        flat = aligned_flat([grads[n] if n else torch.zeros(numel) for n, numel in tensors],
+                            world_size)
+        (partition,) = group["params"]
+        partition.grad = flat.view(world_size, -1)[0].clone()
+    for group in groups:
+        opt.param_groups = [group]
+        opt.step()
+    opt.param_groups = groups
+
+
+def test_bind_keeps_the_finite_check_only_where_deepspeed_makes_none():
+    """ZeRO-1/2 (and DeepSpeed's bf16 wrappers) step only after their own global check of
+    the gradient norm; stage 0 in fp32 hands the optimizer the gradients unchecked."""
+    assert zero_rank0()[0].checks_finite is False
+    stage0 = ZeroLotusAdamW.from_lotus(tiny_lotus()[1])
+    stage0.bind(stage0)  # stage 0 in fp32: DeepSpeed keeps the optimizer as it is
+    assert stage0.checks_finite is True
+
+
+def test_a_zero_step_makes_no_finite_check_of_its_own(one_thread):
+    """Rank 0 of 2 at ZeRO-2, one step per param group as DeepSpeed calls it: the same
+    weights as with LotusAdamW's finite check, and one host sync fewer per group."""
+    from launcher.bench.optimizer import count_host_syncs
+
+    model, _ = tiny_lotus()
+    unchecked, laid_out = zero_rank0()
+    checked, _ = zero_rank0()
+    checked.checks_finite = True  # as LotusAdamW checks: one host sync per prepare()
+    syncs = {}
+    for step in range(1, 3):  # a refresh, then a plain step
+        grads = gradients(model, step)
+        for name, opt in (("checked", checked), ("unchecked", unchecked)):
+            with count_host_syncs() as count:
+                step_as_zero_does(opt, laid_out, grads)
+            syncs[name, step] = count[0]
+    groups = len(unchecked.param_groups)
+    assert groups == 2
+    for step in range(1, 3):
+        assert syncs["checked", step] - syncs["unchecked", step] == groups, syncs
+    for a, b in zip(checked.param_groups, unchecked.param_groups):
+        assert torch.equal(a["params"][0], b["params"][0])
+
+
 def test_a_partition_that_cuts_a_matrix_is_refused():
     """The tiny model's groups as built, cut in 3: some partition splits a matrix."""
     opt = ZeroLotusAdamW.from_lotus(tiny_lotus()[1])
@@ -512,9 +579,8 @@ def _bf16_zero1_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         logits = engine.model(tokens[:, :-1])
         engine.backward(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
                                                           tokens[:, 1:].flatten()))
-    engine.clip_grad_norm(0.0)
-    grads = {n: safe_get_full_grad(p) for n, p in params.items()}
-    engine.optimizer_step()
+    grads = {n: safe_get_full_grad(p) for n, p in params.items()}  # reduced in backward
+    engine.clip_grad_norm(0.0)  # DeepSpeed steps here
     after = {n: safe_get_full_fp32_param(p) for n, p in params.items()}
     stepped = sorted(engine.optimizer.telemetry())  # collective: every rank calls it
     torch.save({"wrapper": type(engine.ds.optimizer).__name__, "stepped": stepped,
@@ -598,3 +664,185 @@ def test_lotus_at_zero0_on_2_ranks_keeps_the_replicas_identical(tmp_path, one_th
         assert first[kind].keys() == second[kind].keys()
         for name, got in first[kind].items():
             assert torch.equal(got, second[kind][name]), (kind, name)
+
+
+def _nonfinite_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Lotus at ZeRO-2 and at stage 0 in fp32, three steps each as the trainer takes them
+    (step only on a finite norm), the second with a NaN loss on rank 1: records the norms,
+    the weights after each step, the refreshes and how often ZeRO-2 computed its norm."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    norm_calls = [0]
+    scaled_global_norm = DeepSpeedZeroOptimizer.scaled_global_norm
+
+    def counted(self: DeepSpeedZeroOptimizer, *args: object) -> torch.Tensor:
+        norm_calls[0] += 1
+        return scaled_global_norm(self, *args)
+
+    DeepSpeedZeroOptimizer.scaled_global_norm = counted
+    out = {}
+    for stage in (2, 0):
+        cfg = config(zero(stage), "training.batch_size=8", "training.micro_batch_size=4",
+                     *TINY_OPTIM)
+        engine = build_engine(cfg, TINY, dataclasses.replace(CPU, rank=rank, world_size=world,
+                                                             local_rank=rank),
+                              plan_run(cfg, world, True, CPU.device))
+        gen = torch.Generator().manual_seed(rank)
+        norms, weights, norm_calls[0] = [], [], 0
+        for step in range(1, 4):
+            tokens = torch.randint(TINY.vocab_size, (4, 33), generator=gen)
+            with engine.micro_batch(last=True):
+                logits = engine.model(tokens[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                         tokens[:, 1:].flatten())
+                engine.backward(loss * (math.nan if step == 2 and rank == 1 else 1.0))
+            norms.append(engine.clip_grad_norm(cfg.training.grad_clip))
+            if math.isfinite(norms[-1]):
+                engine.optimizer_step()
+            engine.zero_grad()
+            if stage == 0:
+                weights.append({n: p.detach().clone()
+                                for n, p in engine.raw_model.named_parameters()})
+            else:
+                weights.append(engine.optimizer.param_groups[1]["params"][0].detach().clone())
+        out[stage] = {"norms": norms, "weights": weights, "norm_calls": norm_calls[0],
+                      "refreshes": {n: t["refresh_count"]
+                                    for n, t in engine.optimizer.telemetry().items()}}
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_step_with_a_nonfinite_gradient_changes_nothing(tmp_path, one_thread):
+    """2 gloo ranks, one NaN loss on rank 1 at step 2: every rank reads an infinite norm
+    and the step changes neither weights nor bases (ZeRO-2: DeepSpeed skips it before the
+    optimizer, whose own check ``bind`` turned off; stage 0 in fp32: the trainer does not
+    step), the other steps do; at ZeRO-2 the norm is DeepSpeed's, computed once a step."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_nonfinite_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for stage in (2, 0):
+        first, second = (r[stage] for r in ranks)
+        assert first["norms"] == second["norms"]
+        norms = first["norms"]
+        assert math.isfinite(norms[0]) and norms[1] == math.inf and math.isfinite(norms[2])
+        after = first["weights"]
+        same = (torch.equal(after[0], after[1]) if stage else
+                all(torch.equal(after[0][n], after[1][n]) for n in after[0]))
+        moved = (not torch.equal(after[1], after[2]) if stage else
+                 any(not torch.equal(after[1][n], after[2][n]) for n in after[1]))
+        assert same and moved, stage
+        refreshes = {**first["refreshes"], **second["refreshes"]}
+        # two Lotus steps (1 and 3), so one refresh; a third would have refreshed again
+        assert len(refreshes) == 28 and set(refreshes.values()) == {1}
+    assert ranks[0][2]["norm_calls"] == 3
+
+
+# ------------------------------------------------------------------ ZeRO-3 construction
+
+
+class ParameterPeak(TorchDispatchMode):
+    """The most parameter elements materialised at once while active: whole parameters
+    plus ZeRO-3 partitions (``ds_tensor``), of every parameter registered on a module
+    meanwhile, recounted after every op (the CPU allocator's own peak is no measure of
+    it on gloo, which frees gathered buffers when its threads get to it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.params: list[torch.nn.Parameter] = []
+        self.peak = 0
+
+    def __enter__(self) -> ParameterPeak:
+        register = self._register = torch.nn.Module.register_parameter
+
+        def tracked(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+            register(module, name, param)
+            if param is not None:
+                self.params.append(param)
+
+        torch.nn.Module.register_parameter = tracked
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        torch.nn.Module.register_parameter = self._register
+        super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        held = sum(p.numel() + (p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None
+                                else 0) for p in self.params)
+        self.peak = max(self.peak, held)
+        return out
+
+
+def test_the_parameter_peak_of_a_whole_build_is_the_whole_model():
+    with ParameterPeak() as probe:
+        build_model(TINY)
+    assert probe.peak == TINY.num_params
+
+
+def _zero3_build_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Builds the tiny model as the ZeRO-3 engine does, in fp32 and in bf16, and records
+    the most parameter elements materialised at once, what each parameter holds right
+    after, and the weights and buffers gathered back."""
+    from deepspeed.runtime.zero import GatheredParameters
+
+    from launcher.engines.deepspeed import _quiet_deepspeed, build_zero3_model
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _quiet_deepspeed(CPU.device)
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        cfg = config(zero(3), "optim.name=adamw", f"training.dtype={dtype}",
+                     "training.batch_size=8", "training.micro_batch_size=4")
+        ds = deepspeed_config(cfg, accum_steps=1, device=CPU.device)
+        with ParameterPeak() as probe:
+            model = build_zero3_model(TINY, 0, ds, CPU.device)
+        held = {n: (p.numel(), p.ds_numel, p.ds_tensor.numel(), p.ds_tensor.dtype)
+                for n, p in model.named_parameters()}
+        with GatheredParameters(list(model.parameters())):
+            weights = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        out[dtype] = {"peak": probe.peak, "held": held, "weights": weights,
+                      "buffers": {n: b.clone() for n, b in model.named_buffers()}}
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_zero3_builds_each_rank_its_partitions_of_the_single_process_weights(tmp_path):
+    """2 gloo ranks build the ZeRO-3 model: no parameter is whole on any rank right after,
+    each holds half of every parameter (in bf16 under bf16), at no point did a rank hold
+    more than its partitions and one whole parameter (a whole build holds the whole
+    model), and the gathered weights are ``build_model``'s."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_zero3_build_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    reference = build_model(TINY, seed=0)
+    want = {n: p.detach() for n, p in reference.named_parameters()}
+    halves = {n: -(-p.numel() // 2) for n, p in want.items()}
+    for rank in range(2):
+        for dtype in ("fp32", "bf16"):
+            got = torch.load(tmp_path / f"rank{rank}.pt")[dtype]
+            held = got["held"]
+            assert all(data == 0 for data, _, _, _ in held.values())  # none left whole
+            assert {n: (full, part) for n, (_, full, part, _) in held.items()} == {
+                n: (p.numel(), halves[n]) for n, p in want.items()}
+            assert {part_dtype for *_, part_dtype in held.values()} == {
+                torch.float32 if dtype == "fp32" else torch.bfloat16}
+            largest = max(p.numel() for p in want.values())
+            assert got["peak"] <= sum(halves.values()) + largest < 0.6 * TINY.num_params
+            for name, tensor in want.items():
+                rounded = tensor if dtype == "fp32" else tensor.bfloat16().float()
+                assert torch.equal(got["weights"][name], rounded), (rank, dtype, name)
+            for name, buffer in reference.named_buffers():  # the rotary tables stay fp32
+                assert torch.equal(got["buffers"][name], buffer), (rank, dtype, name)

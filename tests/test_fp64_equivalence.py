@@ -67,6 +67,7 @@ CASES = {
     "lotus-zero2-4": ("lotus", 4, zero(2)),
     "galore-ddp_lowrank-2": ("galore", 2, []),
     "galore-fsdp-2": ("galore", 2, ["parallel.engine=fsdp"]),
+    "galore-fsdp-3": ("galore", 3, ["parallel.engine=fsdp"]),
     "grasswalk-ddp-3": ("grasswalk", 3, []),
     "grassjump-ddp-2": ("grassjump", 2, []),
 }

@@ -98,8 +98,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         collective_sizes.append((case_id, tuple(t.shape)))
         return all_reduce(t, *args, **kwargs)
 
-    def recording_all_gather(parts, t, *args, **kwargs):
-        collective_sizes.append((case_id, (len(parts) * t.shape[0], *t.shape[1:])))
+    def recording_all_gather(parts, t, *args, **kwargs):  # rows of a (batch, rows, l) sketch
+        collective_sizes.append((case_id, (t.shape[0], len(parts) * t.shape[1], t.shape[2])))
         return all_gather(parts, t, *args, **kwargs)
 
     results = {}
@@ -190,13 +190,16 @@ def test_distributed_rsvd_keeps_the_subspace_of_an_ill_conditioned_gradient(rank
 
 @pytest.mark.slow
 def test_sharded_rsvd_collectives_are_sketch_sized(ranks):
-    """No collective moves a gradient: each is (m or n) x (r + p) or (r + p) x (r + p)."""
+    """No collective moves a gradient: each is (m or n) x (r + p) or (r + p) x (r + p),
+    in a batch of one (rsvd_basis is rsvd_bases of one matrix)."""
     widths = {_case_id(c): (RANK + OVERSAMPLE, SHAPES[c[1]]) for c in CASES}
     widths |= {_ill_id(c): (ILL_RANK + ILL_OVERSAMPLE, ILL_SHAPES[c[1]]) for c in ILL_CASES}
     seen = set()
     for case_id, size in ranks[0]["collectives"]:
         width, (m, n) = widths[case_id]
-        assert len(size) == 2 and width in size and max(size) <= max(m, n), (case_id, size)
+        batch, *size = size
+        assert batch == 1 and len(size) == 2, (case_id, size)
+        assert width in size and max(size) <= max(m, n), (case_id, size)
         seen.add(case_id)
     assert seen == set(widths)
 

@@ -113,7 +113,7 @@ def checkpoint_tensors(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tens
     return state
 
 
-def assert_same_run(got: Path, ref: Path) -> None:
+def assert_same_run(got: Path, ref: Path, weights_rtol: float = 1e-4) -> None:
     got_rows, ref_rows = train_rows(got), train_rows(ref)
     assert [r["step"] for r in got_rows] == [r["step"] for r in ref_rows]
     for g, r in zip(got_rows, ref_rows):
@@ -131,7 +131,7 @@ def assert_same_run(got: Path, ref: Path) -> None:
         # Relative to each tensor's norm: summation order moves single elements of
         # Adam's second moment (near zero) by more than their own size.
         error = (got_tensors[key] - value).norm() / value.norm().clamp_min(1e-12)
-        assert error < 1e-4, (key, float(error))
+        assert error < weights_rtol, (key, float(error))
 
 
 @pytest.mark.slow
@@ -140,7 +140,13 @@ def assert_same_run(got: Path, ref: Path) -> None:
 def test_fsdp_n_ranks_equal_one_rank(runs, optim, world):
     """Same losses, same refreshes at the same logged steps, same final weights and
     optimizer state (moments, bases) as one process on the same global batches."""
-    assert_same_run(runs / f"{optim}-{world}", runs / f"{optim}-1")
+    # GaLore's exact SVD of a spectrum with near ties at rank 8 turns fp32 rounding (the
+    # update added into each shard by one addmm_) into a slightly different basis, and
+    # Adam spreads that over every weight: in fp32 its weights agree to 1e-2 (measured
+    # 3e-3 at 4 ranks). That the algorithm is the same is shown in fp64, where
+    # galore-fsdp-2 and -3 equal one process to 1e-9 (tests/test_fp64_equivalence.py).
+    assert_same_run(runs / f"{optim}-{world}", runs / f"{optim}-1",
+                    weights_rtol=1e-2 if optim == "galore" else 1e-4)
     summary = json.loads((runs / f"{optim}-{world}" / "summary.json").read_text())
     assert summary["engine"] == "fsdp" and summary["world_size"] == world
     assert min(summary["refreshes_per_matrix"].values()) >= 3

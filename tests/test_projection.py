@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lotus_dist.projection import (
+    add_projected_back,
     grassmann_step,
     project,
     project_back,
@@ -91,6 +92,22 @@ def test_std_side_projects_the_smaller_dimension_like_galore():
     basis = svd_basis(grad, 10, "right")  # full rank: projection is lossless
     torch.testing.assert_close(project_back(project(grad, basis, "right"), basis, "right"), grad,
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_adding_the_update_back_in_place_equals_forming_it(side, dtype):
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(24, 10, generator=gen, dtype=torch.float64)
+    basis = random_basis(24 if side == "left" else 10, 4, gen, dtype=torch.float64)
+    low_rank = torch.randn((4, 10) if side == "left" else (24, 4), generator=gen,
+                           dtype=torch.float64)
+    expected = weight - 0.3 * project_back(low_rank, basis, side)
+    out = weight.to(dtype)
+    add_projected_back(out, low_rank, basis, side, alpha=-0.3)
+    tol = 1e-12 if dtype == torch.float64 else 1e-2  # bf16: formed in fp64, then cast
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    assert out.dtype == dtype
 
 
 def test_grassmann_step_moves_by_the_requested_largest_angle():

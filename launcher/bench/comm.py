@@ -7,6 +7,15 @@ plus the refresh sketches amortised over the refresh interval. A refresh's rSVD 
 power iterations all-reduces (q + 1) d x l sketches and (q + 1) k x l co-sketches
 (l = r + p), against a full-gradient all-gather of m x n for an exact SVD.
 
+Under FSDP (``--fsdp-world``), per optimizer step and rank: AdamW reduce-scatters every
+gradient once per micro-batch; Lotus with ``optim.projected_backward`` reduce-scatters
+only the non-projected gradients per micro-batch, all-reduces R once per step, and on a
+refresh step (amortised over the refresh interval) reduce-scatters the projected
+gradients too, plus the sketches. Collectives are counted by the bytes of the tensor they
+reduce, as DDP counts its all-reduce (a ring all-reduce moves about twice what a
+reduce-scatter of the same tensor does). The micro-batches per step are the config's at
+that world size.
+
 Measured: seconds per optimizer step on 2 gloo ranks for small models, low-rank against
 full, in the same run (torchrun subprocesses of the real trainer).
 """
@@ -61,12 +70,26 @@ def traffic(cfg: LlamaConfig, rank: int, oversample: int, power_iters: int) -> T
     )
 
 
-def _counted_rows(sizes: list[str], interval: int) -> list[dict]:
+def fsdp_gradient_bytes(cfg: LlamaConfig, rank: int, t: Traffic, accum: int,
+                        interval: int) -> tuple[float, float]:
+    """Gradient bytes per step and rank under FSDP: (AdamW, Lotus with the projected
+    backward), for ``accum`` micro-batches per step and a refresh every ``interval``."""
+    projected = t.full_ddp - t.plain
+    r = FP32 * sum(rank * max(m, n) for m, n in projected_shapes(cfg))
+    adamw = accum * t.full_ddp
+    lotus = accum * t.plain + r + (accum * projected + t.sketches_per_refresh) / interval
+    return adamw, lotus
+
+
+def _counted_rows(sizes: list[str], interval: int, fsdp_world: int) -> list[dict]:
     rows = []
     for size in sizes:
         cfg = load_config(f"configs/{size}.yaml")
         model = MODEL_SIZES[size]
         t = traffic(model, cfg.optim.rank, cfg.optim.oversample, cfg.optim.power_iters)
+        accum = max(1, cfg.training.batch_size // (cfg.training.micro_batch_size * fsdp_world))
+        fsdp_adamw, fsdp_lotus = fsdp_gradient_bytes(model, cfg.optim.rank, t, accum, interval)
+        one_adamw, one_lotus = fsdp_gradient_bytes(model, cfg.optim.rank, t, 1, interval)
         lowrank_total = t.lowrank + t.sketches_per_refresh / interval
         projected_full = t.full_ddp - t.plain
         min_dim = min(model.dim, model.intermediate_size)
@@ -78,6 +101,10 @@ def _counted_rows(sizes: list[str], interval: int) -> list[dict]:
             "projected_bound": cfg.optim.rank / min_dim,
             "sketch_mb_per_refresh": t.sketches_per_refresh / 2**20,
             "full_gather_mb_per_refresh": t.full_gather_per_refresh / 2**20,
+            "fsdp_world": fsdp_world, "fsdp_micro_batches": accum,
+            "fsdp_adamw_mb": fsdp_adamw / 2**20, "fsdp_lotus_pb_mb": fsdp_lotus / 2**20,
+            "fsdp_pb_ratio": fsdp_lotus / fsdp_adamw,
+            "fsdp_pb_ratio_one_micro_batch": one_lotus / one_adamw,
         })
     return rows
 
@@ -106,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refresh-interval", type=int, default=50,
                         help="steps between refreshes for amortising sketches (50 = the "
                              "verifying gap, the most frequent a displacement switch allows)")
+    parser.add_argument("--fsdp-world", type=int, default=8,
+                        help="ranks whose micro-batches per step the FSDP columns assume")
     parser.add_argument("--measure", default="tiny,20m",
                         help="sizes to time on 2 gloo ranks ('' to skip)")
     parser.add_argument("--steps", type=int, default=60, help="steps per timed run")
@@ -113,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="config override for the timed runs (repeatable)")
     args = parser.parse_args(argv)
 
-    rows = _counted_rows(args.sizes.split(","), args.refresh_interval)
+    rows = _counted_rows(args.sizes.split(","), args.refresh_interval, args.fsdp_world)
     print(f"{'size':>5} {'rank':>5} {'full DDP MB':>12} {'low-rank MB':>12} {'ratio':>6} "
           f"{'proj ratio':>10} {'r/min(m,n)':>10} {'sketch MB/refresh':>18} "
           f"{'full gather MB':>15}")
@@ -121,6 +150,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['size']:>5} {r['rank']:>5} {r['full_ddp_mb']:12.1f} {r['lowrank_ddp_mb']:12.1f} "
               f"{r['ratio']:6.3f} {r['projected_ratio']:10.3f} {r['projected_bound']:10.3f} "
               f"{r['sketch_mb_per_refresh']:18.1f} {r['full_gather_mb_per_refresh']:15.1f}")
+    print(f"\nFSDP gradient traffic per step and rank at W={args.fsdp_world} "
+          "(lotus with optim.projected_backward against adamw)")
+    print(f"{'size':>5} {'micro-batches':>13} {'adamw MB':>10} {'lotus pb MB':>12} {'ratio':>6} "
+          f"{'ratio, 1 micro-batch':>21}")
+    for r in rows:
+        print(f"{r['size']:>5} {r['fsdp_micro_batches']:>13} {r['fsdp_adamw_mb']:10.1f} "
+              f"{r['fsdp_lotus_pb_mb']:12.1f} {r['fsdp_pb_ratio']:6.3f} "
+              f"{r['fsdp_pb_ratio_one_micro_batch']:21.3f}")
     measured = []
     sizes = [s for s in args.measure.split(",") if s]
     with tempfile.TemporaryDirectory() as tmp:

@@ -60,6 +60,11 @@ from lotus_dist.data import PackedBatches, load_tokenizer, open_documents
 from lotus_dist.model import MODEL_SIZES
 
 OPTIMIZERS = ("adamw", "galore", "lotus")
+#: Further rows, each a method with settings: lotus_pb is lotus with the projected
+#: backward (no full gradient of a projected weight outside refresh steps).
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "lotus_pb": ("lotus", ["optim.projected_backward=true"]),
+}
 # What the projected group actually used (gamma resolved by the optimizer), for the report.
 PROJECTED_KEYS = ("rank", "projection", "switch", "update_proj_gap", "gamma", "verify_gap",
                   "min_gap", "power_iters", "oversample", "scale")
@@ -276,7 +281,8 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Total (and median) step time, and the optimizer part's mean, of each pair the
     issue's targets compare; the total's ratio in each repeat shows the run-to-run spread."""
     out = {}
-    for a, b in (("lotus", "adamw"), ("galore", "adamw"), ("lotus", "galore")):
+    for a, b in (("lotus", "adamw"), ("galore", "adamw"), ("lotus", "galore"),
+                 ("lotus_pb", "lotus"), ("lotus_pb", "adamw")):
         if a in results and b in results:
             out[f"{a}/{b}"] = results[a]["total_s"] / results[b]["total_s"]
             out[f"{a}/{b}_median"] = results[a]["median_ms"] / results[b]["median_ms"]
@@ -342,6 +348,12 @@ def targets(pairs: dict[str, float]) -> dict[str, bool]:
     return out
 
 
+def _method_sets(name: str) -> list[str]:
+    """The ``--set`` overrides of a row: its method, and a variant's settings."""
+    method, sets = VARIANTS.get(name, (name, []))
+    return [f"optim.name={method}", *sets]
+
+
 def _split(text: str, allowed: tuple[str, ...] | list[str], what: str) -> list[str]:
     items = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in items if s not in allowed]
@@ -360,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
                         metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
     parser.add_argument("--sizes", default="tiny,20m", help="comma-separated model sizes")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                        help="comma-separated optimizers")
+                        help="comma-separated optimizers (also lotus_pb: lotus with "
+                             "optim.projected_backward=true)")
     parser.add_argument("--steps", type=int, default=200,
                         help="timed steps per optimizer (enough to amortise refreshes)")
     parser.add_argument("--warmup-steps", type=int, default=3,
@@ -377,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps, --block, --threads and --repeats must be >= 1, "
                      "--warmup-steps >= 0")
     sizes = _split(args.sizes, list(MODEL_SIZES), "size")
-    optimizers = _split(args.optimizers, OPTIMIZERS, "optimizer")
+    optimizers = _split(args.optimizers, (*OPTIMIZERS, *VARIANTS), "optimizer")
 
     base = load_config(args.config, args.overrides)
     batches, vocab = generate_batches(base, args.warmup_steps + args.steps)
@@ -395,7 +408,8 @@ def main(argv: list[str] | None = None) -> None:
         for size in sizes:
             extra = [f"model.size={size}", f"model.vocab_size={vocab}",
                      f"optim.rank={rank_for(size, base, args.overrides)}"]
-            cfgs = {name: load_config(args.config, [*args.overrides, *extra, f"optim.name={name}"])
+            cfgs = {name: load_config(args.config, [*args.overrides, *extra,
+                                                    *_method_sets(name)])
                     for name in optimizers}
             results = run_size(cfgs, batches_path, args.device, args.steps, args.warmup_steps,
                                args.block, args.threads, args.repeats)

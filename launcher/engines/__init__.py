@@ -40,9 +40,10 @@ def build_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo,
         from lotus_dist.ddp import LowRankDDPComm
 
         comm = LowRankDDPComm(check_consistency=check)
-        engine: Engine = LowRankDDPEngine(
-            raw_model, build_optimizer(cfg.optim, raw_model, cfg.training.seed, comm=comm),
-            dist_info)
+        optimizer = build_optimizer(cfg.optim, raw_model, cfg.training.seed, comm=comm)
+        if cfg.optim.projected_backward:  # before the reducer, which hooks the linears
+            optimizer.project_in_backward(raw_model)
+        engine: Engine = LowRankDDPEngine(raw_model, optimizer, dist_info)
     elif plan.engine == "ddp":
         from launcher.engines.ddp import DDPEngine
 
@@ -54,6 +55,8 @@ def build_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo,
         optimizer = build_optimizer(cfg.optim, raw_model, cfg.training.seed)
         if cfg.optim.per_layer:
             optimizer.register_per_layer_hooks()
+        if cfg.optim.projected_backward:
+            optimizer.project_in_backward(raw_model)
         engine = Engine(raw_model, raw_model, optimizer, dist_info)
     engine.clip_consumed = clips_consumed(cfg)
     return engine

@@ -72,6 +72,7 @@ class Engine:
         clipping to ``max_norm`` when it is > 0. nan in per-layer mode (gradients are
         consumed inside backward) and when a gradient is non-finite."""
         if self.per_layer:
+            self.optimizer.settle_nonfinite()  # the step's skips, counted (or raised) now
             return math.nan
         if self.clip_consumed:
             return self.clip_consumed_norm(max_norm)

@@ -7,7 +7,8 @@ Wiring, top to bottom (``build_deepspeed_engine``):
    a silent override, and so is an ``optimizer``, ``scheduler`` or ``fp16`` block.
 2. Refuse, before anything is built, every combination that cannot give the algorithm
    the config asks for (``launcher.capabilities``); the message names the engine to use.
-3. Build the whole model on every rank (ZeRO-3 partitions it inside ``initialize``).
+3. Build the model: whole on every rank at stages 0-2; at ZeRO-3 partitioned as it is
+   built (``build_zero3_model``), so that no rank ever holds all of it.
 4. Build the optimizer: torch AdamW, or ``ZeroLotusAdamW`` from the single-process param
    groups (so every matrix keeps its index and refresh seed), regrouped at ZeRO-1/2 so
    that each rank's partition of a projected group is whole matrices (plus zero padding),
@@ -16,11 +17,13 @@ Wiring, top to bottom (``build_deepspeed_engine``):
    ``bind`` maps what DeepSpeed handed the optimizer back to matrices and fails if a
    partition cuts one.
 
-DeepSpeed owns gradient reduction, clipping (``gradient_clipping`` = ``training.grad_clip``)
-and the update; the trainer's learning-rate schedule writes into the client optimizer's
-param groups, which DeepSpeed reads. Checkpoints are DeepSpeed's own files inside our
-atomic ``step-N`` directory (``DeepSpeedCheckpoint``): its fp32 master partitions and
-per-rank optimizer state do not fit DCP's one-tensor-per-name model.
+DeepSpeed owns gradient reduction, the gradient norm, clipping (``gradient_clipping`` =
+``training.grad_clip``), skipping a step whose gradients are not finite, and the update
+(all inside ``step``, which therefore runs in ``clip_grad_norm``); the trainer's
+learning-rate schedule writes into the client optimizer's param groups, which DeepSpeed
+reads. Checkpoints are DeepSpeed's own files inside our atomic ``step-N`` directory
+(``DeepSpeedCheckpoint``): its fp32 master partitions and per-rank optimizer state do not
+fit DCP's one-tensor-per-name model.
 """
 
 from __future__ import annotations
@@ -44,13 +47,21 @@ from launcher.engines.base import Engine, param_dtype
 from launcher.optimizer import build_optimizer
 from lotus_dist.comm import DataParallelComm
 from lotus_dist.deepspeed import PartitionLayoutError, ZeroLotusAdamW
-from lotus_dist.model import LlamaConfig, build_model
+from lotus_dist.model import Llama, LlamaConfig, build_model, init_module_weights
 
 _FORBIDDEN_BLOCKS = {
     "optimizer": "the optimizer comes from optim.*",
     "scheduler": "the learning-rate schedule comes from training.warmup_steps and "
                  "training.min_lr_ratio",
     "fp16": "training.dtype offers fp32 and bf16; use training.dtype=bf16",
+}
+#: Switches that would stop DeepSpeed from reporting the gradient norm or from skipping a
+#: step whose gradients are not finite: the engine relies on both (``clip_grad_norm``).
+_REQUIRED_ON = {
+    ("zero_optimization", "compute_grad_norm"): "lotus-train logs DeepSpeed's gradient norm "
+                                                "and skips a step on a non-finite one",
+    ("bf16", "check_grad_overflow"): "DeepSpeed must skip a step whose gradients are not "
+                                     "finite (lotus-train and LotusAdamW rely on it)",
 }
 
 
@@ -83,6 +94,9 @@ def deepspeed_config(cfg: Config, accum_steps: int, device: torch.device) -> dic
     for block, why in _FORBIDDEN_BLOCKS.items():
         if block in ds and (block != "fp16" or ds[block].get("enabled", False)):
             raise ConfigError(f"{path}: remove the {block!r} block: {why}")
+    for (section, key), why in _REQUIRED_ON.items():
+        if ds.get(section, {}).get(key, True) is False:
+            raise ConfigError(f"{path}: remove {section}.{key}=false: {why}")
     t = cfg.training
     bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device.type == "cuda")
     filled = {
@@ -127,8 +141,14 @@ def build_deepspeed_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistI
         raise ConfigError("parallel.engine=deepspeed needs DeepSpeed: "
                           "pip install -c constraints.txt -e '.[deepspeed]'") from e
 
-    model = build_model(model_cfg, device=dist_info.device, seed=cfg.training.seed,
-                        dtype=param_dtype(cfg.training.dtype))
+    _quiet_deepspeed(dist_info.device)
+    join_one_process_group(dist_info.device, cfg.parallel.timeout_s)
+    dtype = param_dtype(cfg.training.dtype)
+    if stage == 3 and dtype != torch.float64:  # zero.Init holds fp32, bf16 and fp16 only
+        model = build_zero3_model(model_cfg, cfg.training.seed, ds_cfg, dist_info.device)
+    else:  # fp64 is for exactness runs of small models, built whole as at stages 0-2
+        model = build_model(model_cfg, device=dist_info.device, seed=cfg.training.seed,
+                            dtype=dtype)
     maybe_compile(model, cfg)
     # ZeRO-0 replicates every matrix: like plain DDP, the replicas average their switch
     # statistics and keep rank 0's bases, so they cannot drift apart on mixed GPUs
@@ -140,14 +160,46 @@ def build_deepspeed_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistI
         client = ZeroLotusAdamW.from_lotus(optimizer)
         if stage in (1, 2):
             client.regroup_for_zero(dist_info.world_size)
-    _quiet_deepspeed(dist_info.device)
-    join_one_process_group(dist_info.device, cfg.parallel.timeout_s)
     with (client.padding_registered(model) if isinstance(client, ZeroLotusAdamW)
           else contextlib.nullcontext()):
         ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=ds_cfg)
     if isinstance(client, ZeroLotusAdamW):
         _or_config_error(client.bind, ds_engine.optimizer)
     return DeepSpeedEngine(ds_engine, client, dist_info, stage)
+
+
+def build_zero3_model(model_cfg: LlamaConfig, seed: int, ds_cfg: dict[str, Any],
+                      device: torch.device) -> Llama:
+    """``build_model(model_cfg, seed=seed)``'s weights, partitioned over the ranks as the
+    model is built: no rank holds more than its partitions plus one module's parameters.
+
+    Under ``deepspeed.zero.Init`` each module's parameters are partitioned as soon as its
+    constructor returns (torch's own init of them draws from the global RNG, forked here
+    so that the run's stream stays as the other engines leave it). Each module's
+    parameters are then gathered in turn and rank 0 fills them as ``init_weights`` does;
+    leaving ``GatheredParameters`` broadcasts its values into every rank's partition.
+    The parameters are bf16 where the config enables it, else fp32; ``device`` is this
+    rank's (DeepSpeed's ``LOCAL_RANK`` device, where zero.Init builds).
+    """
+    import deepspeed
+
+    deepspeed.init_distributed()  # DeepSpeed's handle on the group already joined
+    # no dtype= here: DeepSpeed 0.19 takes it from the config, and ignores an explicit one
+    # on accelerators without fp16 (the CPU)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            deepspeed.zero.Init(config_dict_or_path=ds_cfg,
+                                data_parallel_group=dist.group.WORLD):  # every rank: no TP or PP
+        model = Llama(model_cfg)
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if own:
+            with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+                if dist.get_rank() == 0:
+                    init_module_weights(module, name, seed)
+    for buffer in model.buffers():  # zero.Init made the rotary tables bf16 as well
+        buffer.data = buffer.data.float()
+    model.init_buffers()
+    return model
 
 
 class DeepSpeedEngine(Engine):
@@ -166,6 +218,9 @@ class DeepSpeedEngine(Engine):
         self.ds, self.stage = ds_engine, stage
         self.name = f"deepspeed_zero{stage}"
         self._stepped = True
+        #: Whether DeepSpeed's step computes the global gradient norm and skips a step
+        #: whose gradients are not finite: everywhere but at stage 0 in fp32.
+        self.norm_in_step = stage > 0 or ds_engine.bfloat16_enabled()
 
     @contextlib.contextmanager
     def micro_batch(self, last: bool) -> Iterator[None]:
@@ -177,25 +232,21 @@ class DeepSpeedEngine(Engine):
         self.ds.backward(loss, scale_wrt_gas=False)
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        """Global norm of the averaged gradient, before clipping: DeepSpeed clips inside
-        ``step`` with ``gradient_clipping``, which ``deepspeed_config`` set to ``max_norm``.
+        """Global norm of the averaged gradient before clipping; inf when it is not finite.
 
-        DeepSpeed computes this norm too, but only inside ``step`` (``get_global_grad_norm``
-        after it), and the trainer needs it before stepping to agree on skipping a
-        non-finite step, so it is computed here once more (one scalar reduction)."""
-        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-        from deepspeed.runtime.utils import get_global_norm_of_tensors
-
-        opt = self.ds.optimizer
-        if isinstance(opt, BF16_Optimizer):  # ZeRO-1, bf16, fp32 accumulation: all-reduced
-            norm = get_global_norm_of_tensors(opt.get_grads_for_norm()[0], mpu=opt.mpu)
-        elif self.stage in (1, 2):
-            norm = opt.scaled_global_norm() / opt.loss_scale
-        elif self.stage == 3:
-            from deepspeed.runtime.utils import combine_grad_norm_groups
-
-            norm = combine_grad_norm_groups(opt._get_norm_groups()) / opt.loss_scale
-        else:  # stage 0: the gradients are whole and already all-reduced on every rank
+        DeepSpeed computes this norm inside ``step``, where it also clips (with
+        ``gradient_clipping``, which ``deepspeed_config`` set to ``max_norm``) and skips a
+        step whose norm is not finite, so the step runs here and the norm is read after it
+        (``get_global_grad_norm``): computing it beforehand would repeat DeepSpeed's
+        reductions. A non-finite loss comes with non-finite gradients, so every step the
+        trainer skips DeepSpeed skipped too. At stage 0 in fp32 DeepSpeed neither reports
+        a norm nor skips, so the norm of the gradients (whole and already all-reduced on
+        every rank) is computed here and ``optimizer_step`` steps when the trainer asks."""
+        if self.norm_in_step:
+            self.ds.step()
+            self._stepped = True
+            norm = self.ds.get_global_grad_norm()
+        else:
             norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32)
                      for p in self.raw_model.parameters() if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack(norms))  # fp32 even for bf16 grads
@@ -203,20 +254,17 @@ class DeepSpeedEngine(Engine):
         return norm if norm >= 0 else math.inf  # DeepSpeed reports inf/nan as -1
 
     def optimizer_step(self) -> None:
-        self.ds.step()
-        self._stepped = True
+        """The step, where ``clip_grad_norm`` has not run it (stage 0 in fp32)."""
+        if not self._stepped:
+            self.ds.step()
+            self._stepped = True
 
     def zero_grad(self) -> None:
-        """DeepSpeed clears gradients in ``step``. A step the trainer skipped (non-finite
-        loss or norm) still goes through ``step``, where DeepSpeed's overflow check discards
-        it; at stage 0 in fp32, which has no such check, the gradients are simply dropped."""
-        if self._stepped:
-            return
-        if self.stage == 0 and not self.ds.bfloat16_enabled():
+        """DeepSpeed clears gradients in ``step``; a step the trainer skipped at stage 0 in
+        fp32 (non-finite loss or norm) never reached it, so its gradients are dropped here."""
+        if not self._stepped:
             self.ds.zero_grad()
-        else:
-            self.ds.step()
-        self._stepped = True
+            self._stepped = True
 
     def checkpoint_items(self) -> dict[str, Any]:
         return {"deepspeed": DeepSpeedCheckpoint(self.ds, self.stage)}

@@ -55,6 +55,8 @@ def build_fsdp_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo,
     comm = FSDPComm(mesh, check_consistency=cfg.parallel.check_consistency,
                     shard_bases=cfg.parallel.fsdp_shard_bases)
     optimizer = build_optimizer(o, model, seed=cfg.training.seed, comm=comm)
+    if o.projected_backward:  # projected weights then skip FSDP's reduce-scatter
+        optimizer.project_in_backward(model)
     engine = FSDPEngine(model, optimizer, dist_info, mesh, accum_steps,
                         param_bytes=2 if bf16 else param_dtype(cfg.training.dtype).itemsize,
                         grad_accumulation=cfg.parallel.fsdp_grad_accumulation)
@@ -161,8 +163,14 @@ class FSDPEngine(Engine):
         out = dict.fromkeys(BYTES_KINDS, 0)
         out["param_allgathers"] = self.accum_steps * (2 * numel - head) * self.param_bytes
         reduce_scatters = self.accum_steps if self.grad_accumulation == "sharded" else 1
-        out["full_gradients"] = reduce_scatters * sum(p.numel() * p.element_size()
-                                                      for p in self.model.parameters())
+        # with the projected backward a projected weight has a gradient to reduce-scatter
+        # only on the steps that refresh it (one step per refresh), amortised here
+        sites = (self.optimizer.projection_sites() if isinstance(self.optimizer, LotusAdamW)
+                 else {})
+        grads = sum(p.numel() * p.element_size()
+                    * (self.optimizer.state[p].get("refresh_count", 0) / max(self.steps, 1)
+                       if p in sites else 1) for p in self.model.parameters())
+        out["full_gradients"] = int(reduce_scatters * grads)
         if self.comm is not None:
             for kind, total in self.comm.bytes.items():
                 out[kind] += total // max(self.steps, 1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -90,6 +91,12 @@ class LocalComm:
         """``lowrank_grad`` of every (p, basis, side) of a step; comms that reduce R
         override it to reduce them all in one bucket."""
         return [self.lowrank_grad(p, basis, side) for p, basis, side in items]
+
+    def backward_reduce(self, p: torch.Tensor, side: str
+                        ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What the projected backward of ``p`` applies to each micro-batch's R before
+        summing it (``ProjectionSite.reduce``): nothing here, R is summed whole."""
+        return None
 
     def backward_lowrank(self, items: list[tuple[torch.Tensor, torch.Tensor, str]]
                          ) -> list[torch.Tensor]:
@@ -222,7 +229,8 @@ def svd_owners(costs: list[float], world: int) -> list[list[int]]:
     """The indices of the items each of ``world`` ranks owns: largest cost first onto the
     least loaded rank (ties to the lower rank), so each rank's list runs largest first
     and the k-th items of all ranks are alike. A pure function of its arguments: every
-    rank computes the same owners without communicating."""
+    rank computes the same owners without communicating. (ZeRO-1/2's matrix ownership,
+    ``lotus_dist.deepspeed.balanced_owners``, starts from it too.)"""
     owned: list[list[int]] = [[] for _ in range(world)]
     loads = [0.0] * world
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):

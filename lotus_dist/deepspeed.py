@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lotus_dist.comm import group_device, sum_over_ranks
+from lotus_dist.comm import group_device, sum_over_ranks, svd_owners
 from lotus_dist.optim import LotusAdamW
 
 #: Group keys that describe members rather than hyperparameters.
@@ -347,12 +347,8 @@ def balanced_owners(sizes: list[int], world_size: int) -> list[list[int]]:
     arguments, so every rank (and a resumed run) computes the same owners. When every size
     occurs a multiple of ``world_size`` times, each rank gets an equal share of each size.
     """
-    owners: list[list[int]] = [[] for _ in range(world_size)]
-    loads = [0] * world_size
-    for j in sorted(range(len(sizes)), key=lambda j: (-sizes[j], j)):
-        k = min(range(world_size), key=lambda k: (loads[k], k))
-        owners[k].append(j)
-        loads[k] += sizes[j]
+    owners = svd_owners(sizes, world_size)  # the same greedy start
+    loads = [sum(sizes[j] for j in owned) for owned in owners]
     while True:
         full = max(range(world_size), key=lambda k: (loads[k], -k))
         trade = _best_trade(sizes, owners[full], loads[full], owners, loads)

@@ -36,6 +36,7 @@ the optimizer sums all matrices' statistics in one all-reduce per step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +131,10 @@ class FSDPComm(DataParallelComm):
             with ``InconsistentBasisError`` naming a matrix the ranks disagree on.
         shard_bases: keep each rank's rows of every basis (``store_basis``); False keeps
             them whole on every rank, trading 1/W basis memory for no basis gathers.
+        shard_lowrank_accumulation: with the projected backward, reduce-scatter each
+            micro-batch's R of a matrix sharded along its kept dimension, so a rank sums
+            only its shard (``parallel.fsdp_grad_accumulation=sharded``); False sums
+            whole R on every rank and all-reduces once per step.
 
     ``bytes`` counts what this class puts into collectives, by kind, for the engine's
     per-step accounting (FSDP's own all-gathers and reduce-scatters are not in it).
@@ -138,12 +143,13 @@ class FSDPComm(DataParallelComm):
     exposes_full_grad = True
 
     def __init__(self, mesh: DeviceMesh, *, check_consistency: bool = False,
-                 shard_bases: bool = True) -> None:
+                 shard_bases: bool = True, shard_lowrank_accumulation: bool = True) -> None:
         if mesh.ndim != 1:
             raise ValueError(f"FSDPComm needs a 1-D data-parallel mesh, got {mesh.ndim}-D")
         super().__init__(mesh.get_group(), check_consistency=check_consistency)
         self.mesh = mesh
         self.shard_bases = shard_bases
+        self.shard_lowrank_accumulation = shard_lowrank_accumulation
         self._layouts: dict[torch.Tensor, ShardLayout] = {}
 
     def layout(self, p: torch.Tensor, side: str) -> ShardLayout:
@@ -257,27 +263,63 @@ class FSDPComm(DataParallelComm):
         return DTensor.from_local(r, self.mesh, [Shard(lay.dim)], run_check=False,
                                   shape=torch.Size(shape), stride=(shape[1], 1))
 
+    def backward_reduce(self, p: torch.Tensor, side: str
+                        ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Sharded accumulation: each micro-batch's R of a matrix sharded along its kept
+        dimension is reduce-scattered at once to this rank's shard of the rank mean (R
+        bytes per micro-batch, counted as lowrank_gradients), so no rank holds every
+        matrix's whole R. A dim-0 fallback matrix's R is replicated anyway: it is summed
+        whole and all-reduced with the rest in ``backward_lowrank``."""
+        lay = self.layout(p, side)
+        if not (lay.kept and self.shard_lowrank_accumulation):
+            return None
+        return lambda r: self._reduce_scatter_mean(r, lay.dim)
+
+    def _reduce_scatter_mean(self, r: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's chunk (torch.chunk layout) along ``dim`` of the rank mean of ``r``:
+        one reduce-scatter of ``r`` padded to whole chunks."""
+        t = r.movedim(dim, 0)
+        size = t.shape[0]
+        chunk = math.ceil(size / self.world)
+        padded = t.new_zeros((chunk * self.world, *t.shape[1:]))
+        padded[:size] = t
+        out = t.new_empty((chunk, *t.shape[1:]))
+        self.bytes["lowrank_gradients"] += r.numel() * r.element_size()
+        dist.reduce_scatter_tensor(out, padded, group=self.group)
+        start = min(self.rank * chunk, size)
+        own = min(start + chunk, size) - start
+        return out[:own].div_(self.world).movedim(0, dim).contiguous()
+
     def backward_lowrank(self, items: list[tuple[torch.Tensor, torch.Tensor, str]]
                          ) -> list[DTensor]:
-        """R of the projected backward: each rank summed its micro-batches' R of the
-        whole matrix; the rank mean (FSDP averages gradients too) comes from one flat
-        all-reduce of all of them, and each rank keeps R laid out as ``lowrank_grads``
-        makes it (its shard along the kept dimension, else replicated). The projected
-        weights took no part in FSDP's reduce-scatter."""
-        if not items:
-            return []
-        flat = self._sum(torch.cat([r.reshape(-1) for _, r, _ in items]), "lowrank_gradients")
-        flat /= self.world
-        out = []
-        for (p, r, side), part in zip(items, flat.split([r.numel() for _, r, _ in items])):
-            whole = part.view_as(r)
+        """R of the projected backward, laid out as ``lowrank_grads`` makes it (this
+        rank's shard along the kept dimension, else replicated). Shards that
+        ``backward_reduce`` reduce-scattered are the rank mean already; whole R (dim-0
+        fallback matrices, or unsharded accumulation) are averaged in one flat all-reduce
+        of all of them. The projected weights took no part in FSDP's reduce-scatter."""
+        out: list[DTensor | None] = []
+        whole: list[tuple[int, torch.Tensor, ShardLayout]] = []
+        for p, r, side in items:
             lay = self.layout(p, side)
-            if not lay.kept:
-                out.append(DTensor.from_local(whole, self.mesh, [Replicate()], run_check=False))
-                continue
-            local = whole.narrow(lay.dim, lay.start, lay.stop - lay.start).contiguous()
-            out.append(DTensor.from_local(local, self.mesh, [Shard(lay.dim)], run_check=False,
-                                          shape=whole.shape, stride=whole.stride()))
+            if lay.kept and self.shard_lowrank_accumulation:
+                shape = list(r.shape)
+                shape[lay.dim] = p.shape[lay.dim]
+                out.append(DTensor.from_local(r, self.mesh, [Shard(lay.dim)], run_check=False,
+                                              shape=torch.Size(shape), stride=(shape[1], 1)))
+            else:
+                whole.append((len(out), r, lay))
+                out.append(None)
+        if whole:
+            flat = self._sum(torch.cat([r.reshape(-1) for _, r, _ in whole]), "lowrank_gradients")
+            flat /= self.world
+            for (i, r, lay), part in zip(whole, flat.split([r.numel() for _, r, _ in whole])):
+                mean = part.view_as(r)
+                if not lay.kept:
+                    out[i] = DTensor.from_local(mean, self.mesh, [Replicate()], run_check=False)
+                    continue
+                local = mean.narrow(lay.dim, lay.start, lay.stop - lay.start).contiguous()
+                out[i] = DTensor.from_local(local, self.mesh, [Shard(lay.dim)], run_check=False,
+                                            shape=mean.shape, stride=mean.stride())
         return out
 
     def lowrank_grads(self, items: list[tuple[torch.Tensor, torch.Tensor, str]]

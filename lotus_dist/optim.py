@@ -184,6 +184,9 @@ class LotusAdamW(torch.optim.Optimizer):
             raise ValueError("project_in_backward: per-layer mode steps on full gradients")
         self._sites = install_projected_backward(model, self.projected_params(),
                                                  self._backward_projection)
+        for p, site in self._sites.items():
+            site.reduce = self.comm.backward_reduce(
+                p, projection_side(p.shape, self._group_of[p]["proj_type"]))
 
     def _backward_projection(self, p: torch.Tensor) -> Projection:
         """What the projected backward of ``p`` uses this step (``current_basis``'s

@@ -51,6 +51,9 @@ class ProjectionSite:
         self.lowrank: torch.Tensor | None = None
         #: Called with (site, R summed so far) after each micro-batch's backward.
         self.on_ready: Callable[[ProjectionSite, torch.Tensor], None] | None = None
+        #: Applied to each micro-batch's R before it is summed (FSDP: a reduce-scatter
+        #: to this rank's shard, so that a rank never holds every matrix's whole R).
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def projection(self) -> Projection:
         """This step's projection, fixed at its first forward for every micro-batch."""
@@ -69,6 +72,8 @@ class ProjectionSite:
             raise ValueError(f"projected backward of {self.name}: R of shape {tuple(r.shape)} "
                              f"on {r.device}, expected {want} on {device} ({side} "
                              f"projection of a {m} x {n} weight at rank {rank})")
+        if self.reduce is not None:
+            r = self.reduce(r)
         self.lowrank = r if self.lowrank is None else self.lowrank.add_(r)
         if self.on_ready is not None:
             self.on_ready(self, self.lowrank)

@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_ddp_lowrank import _free_port, _join, clipped_step, loss_of, refresh_counts
+from test_ddp_lowrank import (
+    _free_port,
+    _join,
+    clipped_step,
+    loss_of,
+    refresh_counts,
+    two_micro_batch_step,
+)
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -147,14 +154,7 @@ def _bucket_state(reducer: LowRankReducer, names: dict) -> dict:
 
 def _step(model, opt, comm, reducer, local, step: int, set_to_none: bool) -> float:
     model.flip = step % 2 == 0
-    opt.zero_grad(set_to_none=set_to_none)
-    comm.reset()
-    reducer.boundary = False  # two micro-batches, communication on the last only
-    (loss_of(model, local[:2]) / 2).backward()
-    reducer.boundary = True
-    (loss_of(model, local[2:]) / 2).backward()
-    reducer.finish()
-    return clipped_step(opt)
+    return two_micro_batch_step(model, opt, comm, reducer, local, set_to_none)
 
 
 def _bf16_check(rank: int) -> dict:

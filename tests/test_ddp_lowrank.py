@@ -92,6 +92,19 @@ def _patch_rsvd(transform) -> None:
     lotus_dist.optim.rsvd_basis = patched
 
 
+def two_micro_batch_step(model, opt, comm, reducer, local, set_to_none: bool = True) -> float:
+    """One low-rank DDP step on this rank's 4 sequences in two micro-batches, with
+    communication on the last only; returns the clipped norm."""
+    opt.zero_grad(set_to_none=set_to_none)
+    comm.reset()
+    reducer.boundary = False
+    (loss_of(model, local[:2]) / 2).backward()
+    reducer.boundary = True
+    (loss_of(model, local[2:]) / 2).backward()
+    reducer.finish()
+    return clipped_step(opt)
+
+
 def _worker(rank: int, world: int, port: int, options: dict, out: str, perturb: bool) -> None:
     _join(rank, world, port)
     comm = LowRankDDPComm()
@@ -103,14 +116,7 @@ def _worker(rank: int, world: int, port: int, options: dict, out: str, perturb: 
     norms = []
     for batch in global_batches(world):
         local = batch[rank * 4:(rank + 1) * 4]
-        opt.zero_grad()
-        comm.reset()
-        reducer.boundary = False  # two micro-batches, communication on the last only
-        (loss_of(model, local[:2]) / 2).backward()
-        reducer.boundary = True
-        (loss_of(model, local[2:]) / 2).backward()
-        reducer.finish()
-        norms.append(clipped_step(opt))
+        norms.append(two_micro_batch_step(model, opt, comm, reducer, local))
     torch.save({"weights": model.state_dict(), "refreshes": refresh_counts(opt),
                 "bytes": dict(comm.bytes),
                 "norms": norms}, f"{out}.{rank}")

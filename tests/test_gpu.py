@@ -126,3 +126,45 @@ def test_rsvd_and_projections_on_cuda_equal_the_cpu_float64_result(shape):
     back_cpu = project_back(r_cpu, cpu, side)
     back_cuda = project_back(r_cuda.cuda().float(), bases["cuda"], side).double().cpu()
     assert (back_cpu - back_cuda).norm() / back_cpu.norm() < 1e-4
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp_bf16"])
+def test_projected_backward_trains_on_one_gpu_like_forming_the_gradient(small_corpus, tmp_path,
+                                                                         engine):
+    """bf16 on CUDA with NCCL: R from the activations (low-rank DDP's buckets, FSDP's
+    reduce-scatter of R) tracks the run that forms G and projects it."""
+    runs = {}
+    for pb in (False, True):
+        run_dir = tmp_path / f"pb-{pb}"
+        extra = ["optim.name=lotus", *ENGINES[engine],
+                 f"optim.projected_backward={str(pb).lower()}"]
+        torchrun(run_dir, sets(*small_corpus, run_dir, *extra))
+        runs[pb] = [r for r in metric_rows(run_dir) if "loss" in r]
+    for x, y in zip(runs[False], runs[True], strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=2e-2), x["step"]
+        assert (x["refreshes/self_attn"], x["refreshes/mlp"]) == \
+            (y["refreshes/self_attn"], y["refreshes/mlp"]), x["step"]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_projected_linear_on_cuda_under_bf16_autocast(side):
+    """The backward's R equals project(G) of the same bf16 matmuls, handed on in fp32."""
+    from lotus_dist.projected_linear import install_projected_backward
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 512, bias=False).cuda()
+    basis = torch.linalg.qr(torch.randn(256 if side == "right" else 512, 32,
+                                        device="cuda")).Q
+    x = torch.randn(4, 64, 256, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ((layer(x).float()) ** 2).sum().backward()
+    grad = layer.weight.grad.clone()
+    layer.weight.grad = None
+    site = install_projected_backward(layer, [layer.weight],
+                                      lambda w: (lambda: basis, side, 32))[layer.weight]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ((layer(x).float()) ** 2).sum().backward()
+    r = site.take()
+    assert layer.weight.grad is None and r.dtype == torch.float32 and r.is_cuda
+    expected = project(grad, basis, side)
+    assert (r - expected).norm() / expected.norm() < 2e-2

@@ -197,13 +197,16 @@ def test_low_rank_ddp_ranks_equal_one_process_in_fp64(small_corpus, tmp_path, wo
     _assert_same_run(tmp_path / "ddp", tmp_path / "ref")
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_fsdp_ranks_equal_one_process_in_fp64(small_corpus, tmp_path, world):
-    """Projected weights skip FSDP's reduce-scatter; R is reduced and sharded by the
-    comm (3 ranks: the tiny model's dims split unevenly, down_proj on dim 0)."""
+@pytest.mark.parametrize(("world", "accumulation"),
+                         [(2, "sharded"), (3, "sharded"), (2, "unsharded")])
+def test_fsdp_ranks_equal_one_process_in_fp64(small_corpus, tmp_path, world, accumulation):
+    """Projected weights skip FSDP's reduce-scatter; R is reduce-scattered to each rank's
+    shard every micro-batch (sharded) or summed whole and all-reduced once (unsharded);
+    3 ranks: the tiny model's dims split unevenly, down_proj on dim 0."""
     _fp64_run(small_corpus, tmp_path / "ref", LOTUS)
     torchrun(world, _fp64_sets(small_corpus, tmp_path / "fsdp", LOTUS, "parallel.engine=fsdp",
-                               "optim.projected_backward=true"))
+                               "optim.projected_backward=true",
+                               f"parallel.fsdp_grad_accumulation={accumulation}"))
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert summary["engine"] == "fsdp"
     _assert_same_run(tmp_path / "fsdp", tmp_path / "ref")

@@ -17,7 +17,9 @@ reduce-scatter of the same tensor does). The micro-batches per step are the conf
 that world size.
 
 Measured: seconds per optimizer step on 2 gloo ranks for small models, low-rank against
-full, in the same run (torchrun subprocesses of the real trainer).
+full DDP, and FSDP AdamW against FSDP Lotus with the projected backward (its gradient
+bytes per step as the engine counts them), in the same run (torchrun subprocesses of the
+real trainer, alternated).
 """
 
 from __future__ import annotations
@@ -71,13 +73,16 @@ def traffic(cfg: LlamaConfig, rank: int, oversample: int, power_iters: int) -> T
 
 
 def fsdp_gradient_bytes(cfg: LlamaConfig, rank: int, t: Traffic, accum: int,
-                        interval: int) -> tuple[float, float]:
+                        interval: int, sharded: bool = True) -> tuple[float, float]:
     """Gradient bytes per step and rank under FSDP: (AdamW, Lotus with the projected
-    backward), for ``accum`` micro-batches per step and a refresh every ``interval``."""
+    backward), for ``accum`` micro-batches per step and a refresh every ``interval``.
+    ``sharded`` (``parallel.fsdp_grad_accumulation=sharded``, the default) reduce-scatters
+    R every micro-batch; unsharded all-reduces the summed R once per step."""
     projected = t.full_ddp - t.plain
     r = FP32 * sum(rank * max(m, n) for m, n in projected_shapes(cfg))
     adamw = accum * t.full_ddp
-    lotus = accum * t.plain + r + (accum * projected + t.sketches_per_refresh) / interval
+    lotus = (accum * t.plain + (accum if sharded else 1) * r
+             + (accum * projected + t.sketches_per_refresh) / interval)
     return adamw, lotus
 
 
@@ -89,6 +94,8 @@ def _counted_rows(sizes: list[str], interval: int, fsdp_world: int) -> list[dict
         t = traffic(model, cfg.optim.rank, cfg.optim.oversample, cfg.optim.power_iters)
         accum = max(1, cfg.training.batch_size // (cfg.training.micro_batch_size * fsdp_world))
         fsdp_adamw, fsdp_lotus = fsdp_gradient_bytes(model, cfg.optim.rank, t, accum, interval)
+        _, fsdp_lotus_unsharded = fsdp_gradient_bytes(model, cfg.optim.rank, t, accum,
+                                                      interval, sharded=False)
         one_adamw, one_lotus = fsdp_gradient_bytes(model, cfg.optim.rank, t, 1, interval)
         lowrank_total = t.lowrank + t.sketches_per_refresh / interval
         projected_full = t.full_ddp - t.plain
@@ -104,16 +111,16 @@ def _counted_rows(sizes: list[str], interval: int, fsdp_world: int) -> list[dict
             "fsdp_world": fsdp_world, "fsdp_micro_batches": accum,
             "fsdp_adamw_mb": fsdp_adamw / 2**20, "fsdp_lotus_pb_mb": fsdp_lotus / 2**20,
             "fsdp_pb_ratio": fsdp_lotus / fsdp_adamw,
+            "fsdp_pb_unsharded_ratio": fsdp_lotus_unsharded / fsdp_adamw,
             "fsdp_pb_ratio_one_micro_batch": one_lotus / one_adamw,
         })
     return rows
 
 
-def _measure(size: str, lowrank: bool, steps: int, overrides: list[str], run_dir: Path) -> dict:
+def _measure(size: str, mode: list[str], steps: int, overrides: list[str], run_dir: Path) -> dict:
     sets = [f"model.size={size}", f"run.dir={run_dir}", f"training.steps={steps}",
             "training.warmup_steps=1", "eval.interval=0", "eval.batches=1",
-            "checkpoint.interval=0", "run.tensorboard=false", "training.clip_on=consumed",
-            f"parallel.lowrank_comm={str(lowrank).lower()}", *overrides]
+            "checkpoint.interval=0", "run.tensorboard=false", *mode, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", "-m", "launcher", "train", "--config",
@@ -153,10 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nFSDP gradient traffic per step and rank at W={args.fsdp_world} "
           "(lotus with optim.projected_backward against adamw)")
     print(f"{'size':>5} {'micro-batches':>13} {'adamw MB':>10} {'lotus pb MB':>12} {'ratio':>6} "
-          f"{'ratio, 1 micro-batch':>21}")
+          f"{'unsharded accum':>15} {'ratio, 1 micro-batch':>21}")
     for r in rows:
         print(f"{r['size']:>5} {r['fsdp_micro_batches']:>13} {r['fsdp_adamw_mb']:10.1f} "
               f"{r['fsdp_lotus_pb_mb']:12.1f} {r['fsdp_pb_ratio']:6.3f} "
+              f"{r['fsdp_pb_unsharded_ratio']:15.3f} "
               f"{r['fsdp_pb_ratio_one_micro_batch']:21.3f}")
     measured = []
     sizes = [s for s in args.measure.split(",") if s]
@@ -165,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
             # alternate the order so a drift of the machine does not favour one mode
             runs = {}
             for i, lowrank in enumerate((False, True, False, True)):
-                m = _measure(size, lowrank, args.steps, args.overrides, Path(tmp) / f"{size}-{i}")
+                mode = ["training.clip_on=consumed",
+                        f"parallel.lowrank_comm={str(lowrank).lower()}"]
+                m = _measure(size, mode, args.steps, args.overrides, Path(tmp) / f"{size}-{i}")
                 runs.setdefault(lowrank, []).append(m)
             full = min(m["seconds_per_step"] for m in runs[False])
             low = min(m["seconds_per_step"] for m in runs[True])
@@ -177,5 +187,27 @@ def main(argv: list[str] | None = None) -> None:
             print(f"2 gloo ranks, {size}: full DDP {full:.3f} s/step, low-rank {low:.3f} s/step "
                   f"(ratio {low / full:.3f}); bytes/step full {row['measured_bytes_full']}, "
                   f"low-rank {row['measured_bytes_lowrank']}", flush=True)
+            # FSDP: AdamW against Lotus with the projected backward, alternated likewise
+            fsdp = {}
+            for i, pb in enumerate((False, True, False, True)):
+                mode = ["parallel.engine=fsdp"] + (["optim.name=lotus",
+                                                    "optim.projected_backward=true"]
+                                                   if pb else ["optim.name=adamw"])
+                m = _measure(size, mode, args.steps, args.overrides,
+                             Path(tmp) / f"{size}-fsdp-{i}")
+                fsdp.setdefault(pb, []).append(m)
+            grads = {pb: runs_[0]["bytes_per_step"]["full_gradients"]
+                     + runs_[0]["bytes_per_step"]["lowrank_gradients"]
+                     for pb, runs_ in fsdp.items()}
+            row.update(fsdp_adamw_s_per_step=min(m["seconds_per_step"] for m in fsdp[False]),
+                       fsdp_lotus_pb_s_per_step=min(m["seconds_per_step"] for m in fsdp[True]),
+                       fsdp_gradient_bytes_adamw=grads[False],
+                       fsdp_gradient_bytes_lotus_pb=grads[True],
+                       fsdp_gradient_ratio=grads[True] / grads[False])
+            print(f"2 gloo ranks, {size}: FSDP gradient bytes/step adamw {grads[False]}, lotus "
+                  f"with projected backward {grads[True]} (ratio "
+                  f"{row['fsdp_gradient_ratio']:.3f}); s/step "
+                  f"{row['fsdp_adamw_s_per_step']:.3f} and {row['fsdp_lotus_pb_s_per_step']:.3f}",
+                  flush=True)
     print(json.dumps({"bench": "comm", "refresh_interval": args.refresh_interval,
                       "counted": rows, "measured": measured}))

@@ -22,6 +22,13 @@ Per rank (rank 0, which holds the largest shards):
   sharded along the dimension its projection keeps, and whole where FSDP falls back to
   dim 0; bases are sharded by rows (``FSDPComm.store_basis``: a rank gathers one whole
   basis at a time to project its shard, a transient not counted here).
+* projected_backward (lotus_pb): outside refresh steps a projected weight has no
+  gradient; its linear sums R (R's shape, the compute dtype) over the step's
+  micro-batches, so the gradients are the non-projected ones plus every R; under fsdp
+  each micro-batch's R is reduce-scattered to the rank's shard (sharded like R, whole
+  for a dim-0 fallback matrix).
+  A refresh step forms the refreshed matrices' whole gradients (step 1: all of them, as
+  without it). Measured against a real tiny run on its second step.
 * per_layer: each gradient is freed by its hook right after its update, so the gradients
   are the largest single one. That holds for one micro-batch per step: under gradient
   accumulation the hooks wait for the last micro-batch and every summed gradient is kept.
@@ -74,11 +81,13 @@ PAPER_LOTUS_VS_GALORE = 0.6  # Lotus: "about 40% less memory on gradient and opt
 
 @dataclass(frozen=True)
 class Method:
-    """A table entry: a config's ``optim.name``, with ``optim.per_layer`` on or off."""
+    """A table entry: a config's ``optim.name``, with ``optim.per_layer`` or
+    ``optim.projected_backward`` on or off."""
 
     label: str
     name: str
     per_layer: bool = False
+    projected_backward: bool = False
 
 
 #: Every method the bench knows; a new one is one more entry.
@@ -88,6 +97,7 @@ METHODS = (
     Method("galore_per_layer", "galore", per_layer=True),
     Method("lotus", "lotus"),
     Method("lotus_per_layer", "lotus", per_layer=True),
+    Method("lotus_pb", "lotus", projected_backward=True),
     Method("grasswalk", "grasswalk"),
     Method("grassjump", "grassjump"),
 )
@@ -167,6 +177,7 @@ def config_sizes() -> list[str]:
 def method_config(size: str, method: Method) -> Config:
     """The config file of ``size`` run with ``method`` (its preset: the paper's rank)."""
     sets = [f"optim.name={method.name}"] + (["optim.per_layer=true"] if method.per_layer else [])
+    sets += ["optim.projected_backward=true"] if method.projected_backward else []
     return load_config(CONFIGS / f"{size}.yaml", sets)
 
 
@@ -305,22 +316,33 @@ def refresh_workspace(layout: ParamLayout, dim: int | None, world: int) -> int:
 
 
 def per_rank_usage(layouts: Iterable[ParamLayout], per_layer: bool, engine: str,
-                   world: int) -> Usage:
-    """Rank 0's bytes under ``engine`` on ``world`` ranks (gradients like the weights)."""
-    params = largest = state = whole = workspace = whole_grads = 0
+                   world: int, projected_backward: bool = False) -> Usage:
+    """Rank 0's bytes under ``engine`` on ``world`` ranks (gradients like the weights;
+    with ``projected_backward``, R whole in place of a projected weight's gradient)."""
+    layouts = list(layouts)
+    params = largest = state = whole = workspace = whole_grads = lowrank = 0
     for lay in layouts:
         dim = shard_dim(lay, engine, world)
         own = local_bytes(lay.shape, lay.itemsize, dim, world)
         params += own
-        whole_grads += local_bytes(lay.shape, lay.itemsize, None, world)
-        largest = max(largest, own)
+        if projected_backward and lay.side is not None:
+            r = lay.state["exp_avg"]  # R's shape, in the compute dtype, sharded like R
+            lowrank += local_bytes(r.shape, r.itemsize, state_dim(r, lay, dim), world)
+            whole_grads += local_bytes(r.shape, r.itemsize, None, world)  # unsharded accum
+        else:
+            whole_grads += local_bytes(lay.shape, lay.itemsize, None, world)
+            largest = max(largest, own)
         for t in lay.state.values():
             t_dim = state_dim(t, lay, dim)
             nbytes = local_bytes(t.shape, t.itemsize, t_dim, world)
             state += nbytes
             whole += nbytes if t_dim is None else 0
         workspace = max(workspace, refresh_workspace(lay, dim, world))
-    return Usage(params, largest if per_layer else params, state, workspace, whole,
+    grads = largest if per_layer else params
+    if projected_backward:
+        grads = lowrank + sum(local_bytes(lay.shape, lay.itemsize, shard_dim(lay, engine, world),
+                                          world) for lay in layouts if lay.side is None)
+    return Usage(params, grads, state, workspace, whole,
                  whole_grads if engine == "fsdp" and not per_layer else None)
 
 
@@ -345,26 +367,37 @@ def one_thread() -> Iterator[None]:
 
 @one_thread()
 def real_step(cfg: Config) -> tuple[dict[str, dict[str, tuple]], int, int]:
-    """(state layout, weight bytes, peak bytes of live gradients) after one real step of
-    ``cfg`` on CPU; the peak is read by hooks that run before the per-layer updates."""
+    """(state layout, weight bytes, peak bytes of live gradients) after a real step of
+    ``cfg`` on CPU; the peak is read by hooks that run before the per-layer updates. With
+    the projected backward the second step is measured (the first refreshes every basis
+    and forms every gradient), and the R its linears hold count as gradients."""
     model = build_model(model_config(cfg), seed=cfg.training.seed,
                         dtype=param_dtype(cfg.training.dtype))
     optimizer = build_optimizer(cfg.optim, model, seed=cfg.training.seed)
     peak = 0
+    sites: list = []
 
     def record(_: torch.Tensor) -> None:
         nonlocal peak
-        peak = max(peak, sum(_nbytes(p.grad) for p in model.parameters() if p.grad is not None))
+        live = sum(_nbytes(p.grad) for p in model.parameters() if p.grad is not None)
+        live += sum(_nbytes(s.lowrank) for s in sites if s.lowrank is not None)
+        peak = max(peak, live)
 
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(record)
     if cfg.optim.per_layer:
         optimizer.register_per_layer_hooks()
+    if cfg.optim.projected_backward:
+        optimizer.project_in_backward(model)
+        sites = list(optimizer.projection_sites().values())
     vocab = model.cfg.vocab_size
     tokens = torch.randint(0, vocab, (2, 17), generator=torch.Generator().manual_seed(0))
-    logits = model(tokens[:, :-1])
-    F.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1)).backward()
-    optimizer.step()
+    for _ in range(2 if cfg.optim.projected_backward else 1):
+        peak = 0
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(tokens[:, :-1])
+        F.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1)).backward()
+        optimizer.step()
     layout = {name: {key: (tuple(v.shape), v.element_size())
                      for key, v in optimizer.state[p].items() if torch.is_tensor(v)}
               for name, p in model.named_parameters()}
@@ -382,7 +415,7 @@ def check_against_real_step(method: Method, size: str = CHECK_SIZE) -> dict:
     names every difference (empty: the derived layout is the optimizer's)."""
     cfg = method_config(size, method)
     derived = derived_layout(cfg)
-    want = per_rank_usage(derived.values(), method.per_layer, "ddp", 1)
+    want = per_rank_usage(derived.values(), method.per_layer, "ddp", 1, method.projected_backward)
     measured, params, peak = real_step(cfg)
     expected = shapes(derived)
     problems = [f"{name}: derived {expected.get(name)}, measured {measured.get(name)}"
@@ -422,7 +455,7 @@ def measure(sizes: list[str], methods: list[Method], engines: list[str],
                 for world in worlds:
                     if not method.per_layer or world == 1:
                         usage[size, engine, world, method.label] = per_rank_usage(
-                            layouts, method.per_layer, engine, world)
+                            layouts, method.per_layer, engine, world, method.projected_backward)
     return usage, ranks
 
 

@@ -53,7 +53,8 @@ def build_fsdp_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo,
     model.to_empty(device=dist_info.device)
     model.init_weights(cfg.training.seed)
     comm = FSDPComm(mesh, check_consistency=cfg.parallel.check_consistency,
-                    shard_bases=cfg.parallel.fsdp_shard_bases)
+                    shard_bases=cfg.parallel.fsdp_shard_bases,
+                    shard_lowrank_accumulation=cfg.parallel.fsdp_grad_accumulation == "sharded")
     optimizer = build_optimizer(o, model, seed=cfg.training.seed, comm=comm)
     if o.projected_backward:  # projected weights then skip FSDP's reduce-scatter
         optimizer.project_in_backward(model)

@@ -156,9 +156,18 @@ class LotusAdamW(torch.optim.Optimizer):
         self._index[view] = self._index[original]
         self._group_of[view] = group
 
+    def _side(self, p: torch.Tensor) -> str:
+        """The side ``p``'s group projects it on."""
+        return projection_side(p.shape, self._group_of[p]["proj_type"])
+
+    def _refresh_due(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s next ``prepare()`` refreshes its basis first (none yet, or a
+        switch decided on): such a step needs its whole gradient."""
+        state = self.state.get(p, {})
+        return "basis" not in state or state["refresh_pending"]
+
     def _full_basis(self, p: torch.Tensor) -> torch.Tensor:
-        side = projection_side(p.shape, self._group_of[p]["proj_type"])
-        return self.comm.full_basis(p, self.state[p]["basis"], side)
+        return self.comm.full_basis(p, self.state[p]["basis"], self._side(p))
 
     def projected_params(self) -> list[torch.Tensor]:
         """The parameters of projected groups (those with ``rank``), in group order."""
@@ -168,11 +177,9 @@ class LotusAdamW(torch.optim.Optimizer):
         """(basis, side) that will project ``p``'s gradient at the next ``prepare()``, or
         None where that step refreshes first (no basis yet, or a switch is pending): the
         R of such a matrix can only be formed after the refresh."""
-        state = self.state.get(p, {})
-        if "basis" not in state or state["refresh_pending"]:
+        if self._refresh_due(p):
             return None
-        side = projection_side(p.shape, self._group_of[p]["proj_type"])
-        return self.comm.full_basis(p, state["basis"], side), side
+        return self._full_basis(p), self._side(p)
 
     def project_in_backward(self, model: nn.Module) -> None:
         """Make the backward of every projected weight's linear yield R in the current
@@ -185,19 +192,15 @@ class LotusAdamW(torch.optim.Optimizer):
         self._sites = install_projected_backward(model, self.projected_params(),
                                                  self._backward_projection)
         for p, site in self._sites.items():
-            site.reduce = self.comm.backward_reduce(
-                p, projection_side(p.shape, self._group_of[p]["proj_type"]))
+            site.reduce = self.comm.backward_reduce(p, self._side(p))
 
     def _backward_projection(self, p: torch.Tensor) -> Projection:
         """What the projected backward of ``p`` uses this step (``current_basis``'s
         rule): None where the step refreshes; else the whole basis on demand, so that
         under FSDP a row-sharded basis is gathered where it is used and then freed."""
-        state = self.state.get(p, {})
-        if "basis" not in state or state["refresh_pending"]:
+        if self._refresh_due(p):
             return None
-        group = self._group_of[p]
-        side = projection_side(p.shape, group["proj_type"])
-        return (lambda: self.comm.full_basis(p, state["basis"], side)), side, group["rank"]
+        return (lambda: self._full_basis(p)), self._side(p), self._group_of[p]["rank"]
 
     def projection_sites(self) -> dict[torch.Tensor, ProjectionSite]:
         """The projected linear of each weight (``project_in_backward``), by weight."""
@@ -243,7 +246,7 @@ class LotusAdamW(torch.optim.Optimizer):
         call it before clipping on ``consumed_grad_norm()``; ``step()`` calls it itself.
         """
         # R the projected backward formed (no refresh was due for those matrices)
-        summed = [(p, r, projection_side(p.shape, self._group_of[p]["proj_type"]))
+        summed = [(p, r, self._side(p))
                   for p, site in self._sites.items() if (r := site.take()) is not None]
         delivered = dict(zip([p for p, _, _ in summed], self.comm.backward_lowrank(summed)))
         items = [(g, p) for g in self.param_groups for p in g["params"]
@@ -383,11 +386,10 @@ class LotusAdamW(torch.optim.Optimizer):
         where a switch was decided (or there is none yet); count a step for the rest."""
         due = []
         for group, p in items:
-            state = self.state[p]
-            if "basis" not in state or state["refresh_pending"]:
+            if self._refresh_due(p):
                 due.append((group, p))
             else:
-                state["steps_since_refresh"] += 1
+                self.state[p]["steps_since_refresh"] += 1
         if due:
             self._refresh(due)
 
@@ -637,8 +639,7 @@ class LotusAdamW(torch.optim.Optimizer):
         if not self.accumulation_boundary:
             return
         group = self._group_of[p]
-        state = self.state[p]
-        if "rank" in group and ("basis" not in state or state["refresh_pending"]):
+        if "rank" in group and self._refresh_due(p):
             if not _all_finite([p.grad]):
                 self._on_nonfinite(f"parameter #{self._index[p]}")
             else:

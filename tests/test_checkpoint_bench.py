@@ -20,3 +20,19 @@ def test_bench_checkpoint_prints_a_table_and_a_json_line(capsys, tmp_path):
     assert result["checksums"]["s_per_gb"] > 0
     assert any("save/plain" in line for line in out)
     assert sorted(p.name for p in (tmp_path / "sync").iterdir())[-1].startswith("step-")
+
+
+def test_a_background_write_that_outlasts_every_window_is_measured_against_the_other_mode():
+    """A slow disk can keep an async write in flight for a whole window, every window:
+    that save is then measured against the plain steps of the sync mode, not refused."""
+    from launcher.bench.checkpoint import Window, _mode_row
+
+    sync = [Window(kinds=["save", "plain", "plain", "plain"], seconds=[0.5, 0.1, 0.1, 0.1])]
+    busy = [Window(kinds=["save", "in_flight", "in_flight", "publish"],
+                   seconds=[0.2, 0.3, 0.3, 0.2])]
+    assert _mode_row("sync", sync, 0.1)["own_plain_steps"]
+    row = _mode_row("async", busy, 0.1)
+    assert not row["own_plain_steps"]
+    assert abs(row["plain_ms"] - 100.0) < 1e-9
+    assert abs(row["cost_per_save_ms"] - 600.0) < 1e-9
+    assert abs(row["save_over_plain"] - 2.0) < 1e-9

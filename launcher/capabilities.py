@@ -34,11 +34,15 @@ ENGINES = ("single", "ddp", "ddp_lowrank", "fsdp", "deepspeed_zero0", "deepspeed
 _DEEPSPEED = tuple(e for e in ENGINES if e.startswith("deepspeed"))
 _ALL_BUT = lambda *out: tuple(e for e in ENGINES if e not in out)  # noqa: E731
 
+_NOT_RSO = tuple(m for m in METHODS if m != "rso")
+_RSO_FIX = ("rso's low-rank B linears are not wired into DeepSpeed's engine: use "
+            "parallel.engine=fsdp or ddp")
+
 #: The optimizers each engine runs. ZeRO-3 leaves each rank a flat slice of every matrix,
 #: so no rank can project a whole gradient (fsdp shards along the kept dimension instead).
 OPTIMIZERS: dict[str, tuple[str, ...]] = {
     "single": METHODS, "ddp": METHODS, "ddp_lowrank": PROJECTED_OPTIMIZERS, "fsdp": METHODS,
-    "deepspeed_zero0": METHODS, "deepspeed_zero1": METHODS, "deepspeed_zero2": METHODS,
+    "deepspeed_zero0": _NOT_RSO, "deepspeed_zero1": _NOT_RSO, "deepspeed_zero2": _NOT_RSO,
     "deepspeed_zero3": ("adamw",),
 }
 _OPTIMIZER_FIX = {"deepspeed_zero3": "use parallel.engine=fsdp (ZeRO-3 semantics with "
@@ -93,6 +97,10 @@ OPTIONS: tuple[Option, ...] = (
            "gradient cannot run with it, and training.compile does not trace its autograd "
            "function yet: turn those off (clipping uses the consumed norm)",
            PROJECTED_OPTIMIZERS),
+    Option("training.compile=true with optim.name=rso",
+           lambda c, ds: c.training.compile and c.optim.name == "rso", (),
+           "RSO's linears share x P through a Python-side cache that compile does not trace: "
+           "set training.compile=false"),
     Option("training.clip_on=consumed", lambda c, ds: c.training.clip_on == "consumed",
            _ALL_BUT(*_DEEPSPEED),
            "DeepSpeed clips the full gradient inside its step: set training.clip_on=auto",
@@ -188,7 +196,8 @@ def check_supported(cfg: Config, engine: str, deepspeed_json: dict[str, Any] | N
     if name not in OPTIMIZERS[engine]:
         runs = ", ".join(OPTIMIZERS[engine])
         raise ConfigError(f"optim.name={name} does not run on {_label(engine)} (it runs "
-                          f"{runs}): {_OPTIMIZER_FIX.get(engine, 'choose another engine')}")
+                          f"{runs}): " + (_RSO_FIX if name == "rso" else
+                                          _OPTIMIZER_FIX.get(engine, "choose another engine")))
     for option in OPTIONS:
         if not option.active(cfg, deepspeed_json or {}):
             continue

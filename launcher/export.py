@@ -15,6 +15,7 @@ from launcher.engines.base import param_dtype
 from lotus_dist.data import DataError, TextTokenizer, load_tokenizer
 from lotus_dist.hf_export import export_hf
 from lotus_dist.model import MODEL_SIZES, Llama, build_model_on_meta
+from lotus_dist.rso import fold_rso, install_rso
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RUN_CONFIG = "lotus-config.yaml"
@@ -41,6 +42,8 @@ def load_run_model(run_dir: str | Path, step: int | None = None) -> tuple[Config
     The model shape comes from the run's ``config.yaml``; its vocabulary from the
     checkpoint itself (the trainer takes it from the tokenizer), so no data or tokenizer
     is needed; its dtype is the run's parameter dtype (fp64 for training.dtype=fp64).
+    An optim.name=rso checkpoint holds W, B and P: the current period is folded into W
+    (W + B P^T, the weights the run's forward used), so the model is a plain ``Llama``.
     """
     run_dir = Path(run_dir)
     config = run_dir / "config.yaml"
@@ -54,7 +57,11 @@ def load_run_model(run_dir: str | Path, step: int | None = None) -> tuple[Config
     model = build_model_on_meta(model_cfg).to(param_dtype(cfg.training.dtype))
     model.to_empty(device="cpu")  # every weight is overwritten by the load
     model.init_buffers()
+    if cfg.optim.name == "rso":
+        install_rso(model, cfg.optim.rank, cfg.optim.target_modules)
     checkpoint.load_model_weights(path, model)
+    if cfg.optim.name == "rso":
+        fold_rso(model)
     return cfg, model, path
 
 

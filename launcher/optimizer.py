@@ -8,6 +8,7 @@ from torch import nn
 from launcher.config import OptimConfig
 from lotus_dist import LotusAdamW, lotus_param_groups
 from lotus_dist.comm import LocalComm
+from lotus_dist.rso import RSOAdamW, install_rso, start_period
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int,
@@ -24,9 +25,23 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int,
               "weight_decay": cfg.weight_decay}
     if cfg.name == "adamw":
         return torch.optim.AdamW(model.parameters(), **common)
+    if cfg.name == "rso":  # the model went through prepare_model; its B's are the subproblems
+        return RSOAdamW(model, **common, period_steps=cfg.update_proj_gap,
+                        proximal=cfg.proximal, seed=seed)
     groups = lotus_param_groups(model, cfg.rank, cfg.target_modules, **group_options(cfg))
     return LotusAdamW(groups, seed=seed, nonfinite=cfg.nonfinite, per_layer=cfg.per_layer,
                       comm=comm, **common)
+
+
+def prepare_model(cfg: OptimConfig, model: nn.Module, seed: int) -> None:
+    """What a method changes in the model before any wrapper sees it: optim.name=rso makes
+    the targeted linears RSO linears (``lotus_dist.rso``). On the meta device (FSDP) the
+    caller fills them after allocation with ``start_period(model, seed, 0)``."""
+    if cfg.name != "rso":
+        return
+    install_rso(model, cfg.rank, cfg.target_modules)
+    if next(model.parameters()).device.type != "meta":
+        start_period(model, seed, 0)
 
 
 def group_options(cfg: OptimConfig) -> dict:

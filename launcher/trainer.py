@@ -25,6 +25,7 @@ from launcher.profiling import StepProfiler
 from launcher.schedule import LRSchedule
 from launcher.train_state import JsonState, TrainState
 from lotus_dist import LotusAdamW
+from lotus_dist.rso import RSOAdamW
 from lotus_dist.comm import local_view
 from lotus_dist.optim import NonFiniteGradientError
 from lotus_dist.precision import upcast
@@ -374,7 +375,8 @@ class Trainer:
                           self.peak_flops)
 
     def _summary(self, final_eval: dict[str, float]) -> dict[str, Any]:
-        telemetry = self.optimizer.telemetry() if isinstance(self.optimizer, LotusAdamW) else {}
+        telemetry = (self.optimizer.telemetry()
+                     if isinstance(self.optimizer, LotusAdamW | RSOAdamW) else {})
         tokens_per_s = self.state.tokens_seen / max(self.state.train_seconds, 1e-9)
         return {
             "steps": self.state.step,
@@ -397,7 +399,8 @@ class Trainer:
             "engine": self.engine.name,
             "bytes_per_step": self.engine.comm_bytes_per_step(),
             "optimizer": self.cfg.optim.name,
-            "rank": self.cfg.optim.rank if self.cfg.optim.name in PROJECTED_OPTIMIZERS else None,
+            "rank": (self.cfg.optim.rank
+                     if self.cfg.optim.name in (*PROJECTED_OPTIMIZERS, "rso") else None),
             "optimizer_state_bytes": optimizer_state_bytes(self.optimizer),
         }
 
@@ -484,8 +487,9 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def refresh_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Refresh counts and switch statistics per layer group (self_attn, mlp)."""
-    if not isinstance(optimizer, LotusAdamW):
+    """Refresh counts (rso: subspaces redrawn) and switch statistics per layer group
+    (self_attn, mlp)."""
+    if not isinstance(optimizer, LotusAdamW | RSOAdamW):
         return {}
     groups: dict[str, list[dict[str, float]]] = {}
     for name, t in optimizer.telemetry().items():
@@ -495,7 +499,7 @@ def refresh_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     for kind, rows in groups.items():
         out[f"refreshes/{kind}"] = sum(r["refresh_count"] for r in rows)
         for key in ("energy", "switch_metric"):
-            vals = [r[key] for r in rows if math.isfinite(r[key])]
+            vals = [r[key] for r in rows if key in r and math.isfinite(r[key])]
             if vals:
                 out[f"{key}/{kind}"] = sum(vals) / len(vals)
     return out

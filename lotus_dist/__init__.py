@@ -9,5 +9,7 @@ import torch._dynamo  # noqa: F401
 
 from lotus_dist.optim import LotusAdamW, NonFiniteGradientError
 from lotus_dist.param_groups import lotus_param_groups
+from lotus_dist.rso import RSOAdamW, install_rso
 
-__all__ = ["LotusAdamW", "NonFiniteGradientError", "lotus_param_groups"]
+__all__ = ["LotusAdamW", "NonFiniteGradientError", "RSOAdamW", "install_rso",
+           "lotus_param_groups"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -113,9 +114,36 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm that saves its input and 1/rms (T x 1), not its output: the backward
+    recomputes the normalised x. The linears after a norm save their input only when they
+    need it (RSO's save x P instead, ``lotus_dist.rso``), so the norm must not keep it.
+    Same values as autograd through ``weight * (x * rsqrt(mean(x^2) + eps))``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         x32 = upcast(x)  # fp32 under bf16, fp64 in an fp64 model
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, rstd, weight = ctx.saved_tensors
+        x32 = upcast(x)
+        normed = (x32 * rstd).to(x.dtype)
+        dweight = None
+        if ctx.needs_input_grad[1]:
+            dweight = (dy * normed).reshape(-1, normed.shape[-1]).sum(0).to(weight.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dn = (dy * weight).to(x32.dtype)  # through normed.to(x.dtype)
+            # d(x rstd) = dn rstd - x rstd^3 mean(dn x)
+            dx = (dn * rstd - x32 * rstd.pow(3) * (dn * x32).mean(-1, keepdim=True)).to(x.dtype)
+        return dx, dweight, None
 
 
 def rope_tables(

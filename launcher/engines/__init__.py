@@ -13,7 +13,7 @@ from launcher.compile import maybe_compile
 from launcher.config import Config, clips_consumed
 from launcher.distributed import DistInfo
 from launcher.engines.base import Engine, apply_activation_checkpointing, param_dtype
-from launcher.optimizer import build_optimizer
+from launcher.optimizer import build_optimizer, prepare_model
 from lotus_dist.comm import DataParallelComm
 from lotus_dist.model import LlamaConfig, build_model
 
@@ -31,6 +31,7 @@ def build_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo,
         return build_fsdp_engine(cfg, model_cfg, dist_info, plan.accum_steps)
     raw_model = build_model(model_cfg, device=dist_info.device, seed=cfg.training.seed,
                             dtype=param_dtype(cfg.training.dtype))
+    prepare_model(cfg.optim, raw_model, cfg.training.seed)
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(raw_model)
     maybe_compile(raw_model, cfg)

@@ -41,5 +41,6 @@ class DDPEngine(Engine):
             yield
 
     def comm_bytes_per_step(self) -> dict[str, int]:
+        # only what has a gradient is all-reduced (rso: B, never the frozen W)
         return {"full_gradients": sum(p.numel() * p.element_size()
-                                      for p in self.raw_model.parameters())}
+                                      for p in self.raw_model.parameters() if p.requires_grad)}

@@ -21,12 +21,13 @@ from launcher.compile import maybe_compile
 from launcher.config import PROJECTED_OPTIMIZERS, Config, clips_consumed
 from launcher.distributed import DistInfo, all_reduce_sum, join_one_process_group
 from launcher.engines.base import Engine, apply_activation_checkpointing, param_dtype
-from launcher.optimizer import build_optimizer
+from launcher.optimizer import build_optimizer, prepare_model
 from lotus_dist import LotusAdamW
 from lotus_dist.comm import BYTES_KINDS as COMM_BYTES_KINDS
 from lotus_dist.comm import partial_dot
 from lotus_dist.fsdp import FSDPComm, lotus_shard_placement, projected_sides
 from lotus_dist.model import Llama, LlamaConfig, build_model_on_meta
+from lotus_dist.rso import start_period
 
 #: FSDP's own parameter all-gathers, then what the Lotus comm counts.
 BYTES_KINDS = ("param_allgathers", *COMM_BYTES_KINDS)
@@ -40,6 +41,7 @@ def build_fsdp_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo,
     join_one_process_group(dist_info.device, cfg.parallel.timeout_s)
     mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
     model = build_model_on_meta(model_cfg).to(param_dtype(cfg.training.dtype))
+    prepare_model(o, model, cfg.training.seed)  # rso: B on dim 0 like W, P replicated
     sides = (projected_sides(model, o.rank, o.target_modules, o.proj_type)
              if o.name in PROJECTED_OPTIMIZERS else {})
     bf16 = uses_bf16(cfg, dist_info.device)
@@ -52,6 +54,8 @@ def build_fsdp_engine(cfg: Config, model_cfg: LlamaConfig, dist_info: DistInfo,
     # (seed, name): the weights equal a single process's at any world size.
     model.to_empty(device=dist_info.device)
     model.init_weights(cfg.training.seed)
+    if o.name == "rso":
+        start_period(model, cfg.training.seed, 0)
     comm = FSDPComm(mesh, check_consistency=cfg.parallel.check_consistency,
                     shard_bases=cfg.parallel.fsdp_shard_bases,
                     shard_lowrank_accumulation=cfg.parallel.fsdp_grad_accumulation == "sharded")
@@ -170,7 +174,8 @@ class FSDPEngine(Engine):
                  else {})
         grads = sum(p.numel() * p.element_size()
                     * (self.optimizer.state[p].get("refresh_count", 0) / max(self.steps, 1)
-                       if p in sites else 1) for p in self.model.parameters())
+                       if p in sites else 1)
+                    for p in self.model.parameters() if p.requires_grad)  # rso: W is frozen
         out["full_gradients"] = int(reduce_scatters * grads)
         if self.comm is not None:
             for kind, total in self.comm.bytes.items():

@@ -202,7 +202,7 @@ def check_supported(cfg: Config, engine: str, deepspeed_json: dict[str, Any] | N
         if not option.active(cfg, deepspeed_json or {}):
             continue
         if name not in option.optimizers:
-            raise ConfigError(f"{option.key} needs a low-rank optim.name "
+            raise ConfigError(f"{option.key} needs a projected-gradient optim.name "
                               f"({', '.join(option.optimizers)}); optim.name={name}")
         if engine not in option.engines:
             raise ConfigError(f"{option.key} is not available on {_label(engine)}: "
@@ -227,7 +227,7 @@ def support_table() -> str:
         lines.append(f"| `optim.name={name}` | " + " | ".join(cells) + " |")
     for option in OPTIONS:
         cells = ["yes" if e in option.engines else "no" for e in cols]
-        only = "" if option.optimizers == METHODS else " (low-rank methods)"
+        only = "" if option.optimizers == METHODS else " (projected-gradient methods)"
         lines.append(f"| `{option.key}`{only} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-BENCHMARKS = ("projector", "step", "comm", "checkpoint", "quality", "data", "memory", "optimizer")
+BENCHMARKS = ("projector", "step", "comm", "checkpoint", "quality", "data", "memory", "optimizer",
+              "activations")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -25,10 +25,10 @@ from launcher.profiling import StepProfiler
 from launcher.schedule import LRSchedule
 from launcher.train_state import JsonState, TrainState
 from lotus_dist import LotusAdamW
-from lotus_dist.rso import RSOAdamW
 from lotus_dist.comm import local_view
 from lotus_dist.optim import NonFiniteGradientError
 from lotus_dist.precision import upcast
+from lotus_dist.rso import RSOAdamW
 
 
 class TrainingError(RuntimeError):

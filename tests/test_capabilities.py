@@ -38,6 +38,8 @@ TURN_ON: dict[str, tuple[list[str], dict]] = {
     "training.clip_on=gradient": (["training.clip_on=gradient"], {}),
     "optim.switch=path_efficiency": (["optim.switch=path_efficiency"], {}),
     "optim.recovery_scaling=true": (["optim.recovery_scaling=true"], {}),
+    "training.compile=true with optim.name=rso":
+        (["optim.name=rso", "training.compile=true"], {}),
     "parallel.mixed_precision=bf16": (["parallel.mixed_precision=bf16"], {}),
     "parallel.activation_checkpointing=true": (["parallel.activation_checkpointing=true"], {}),
     "parallel.fsdp_shard_bases=false": (["parallel.fsdp_shard_bases=false"], {}),
@@ -69,8 +71,13 @@ def test_an_option_runs_exactly_where_the_table_says(option, engine):
     sets, ds = TURN_ON[option.key]
     name = "lotus" if "lotus" in OPTIMIZERS[engine] else "adamw"  # ZeRO-3 runs only AdamW
     cfg = config(f"optim.name={name}", *sets)
+    name = cfg.optim.name  # an option may be about another optimizer (rso)
+    if name not in OPTIMIZERS[engine]:
+        with pytest.raises(ConfigError, match=rf"optim\.name={name} does not run on"):
+            check_supported(cfg, engine, ds)
+        return
     if name not in option.optimizers:  # the optimizer is refused before any option
-        with pytest.raises(ConfigError, match=r"needs a low-rank optim\.name"):
+        with pytest.raises(ConfigError, match=r"needs a projected-gradient optim\.name"):
             check_supported(cfg, engine, ds)
         return
     if engine in option.engines:
@@ -98,8 +105,21 @@ def test_an_optimizer_runs_exactly_where_the_table_says(name, engine):
 
 
 def test_low_rank_options_refuse_adamw_naming_the_key():
-    with pytest.raises(ConfigError, match=r"optim.per_layer=true needs a low-rank optim.name"):
+    with pytest.raises(ConfigError,
+                       match=r"optim.per_layer=true needs a projected-gradient optim.name"):
         check_supported(config("optim.name=adamw", "optim.per_layer=true"), "single")
+
+
+def test_rso_is_refused_where_it_cannot_run_with_what_to_use_instead():
+    for engine in ("deepspeed_zero1", "deepspeed_zero2"):
+        with pytest.raises(ConfigError, match=r"optim.name=rso does not run on DeepSpeed.*"
+                                              r"use parallel.engine=fsdp or ddp"):
+            check_supported(config("optim.name=rso"), engine)
+    with pytest.raises(ConfigError, match=r"training.compile=true with optim.name=rso"):
+        check_supported(config("optim.name=rso", "training.compile=true"), "single")
+    with pytest.raises(ConfigError, match=r"optim.projected_backward=true needs a "
+                                          r"projected-gradient optim.name.*optim.name=rso"):
+        check_supported(config("optim.name=rso", "optim.projected_backward=true"), "fsdp")
 
 
 def test_readme_shows_the_table():

@@ -18,12 +18,15 @@ from launcher.train import run
 from lotus_dist.data import load_tokenizer
 
 
-@pytest.fixture(scope="module")
-def trained(small_corpus, tmp_path_factory):
+@pytest.fixture(scope="module", params=["lotus", "rso"])
+def trained(small_corpus, tmp_path_factory, request):
+    """A finished run; rso's stops mid-period (4 steps per subspace), so its checkpoint's
+    B is not zero and the export must fold it into W."""
     run_dir = tmp_path_factory.mktemp("run")
     cfg = load_config("configs/tiny.yaml", small_run(
         *small_corpus, run_dir, "training.steps=6", "training.warmup_steps=2",
-        "eval.interval=0", "eval.batches=2", "checkpoint.interval=3"))
+        "eval.interval=0", "eval.batches=2", "checkpoint.interval=3",
+        f"optim.name={request.param}", "optim.update_proj_gap=4"))
     return cfg, run(cfg)
 
 

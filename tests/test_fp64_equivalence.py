@@ -2,7 +2,9 @@
 a real difference: 60 steps with a dozen adaptive refreshes per matrix, on every engine
 (low-rank and plain DDP, FSDP with even and uneven shards, DeepSpeed ZeRO-1/2), 2, 3 and
 4 ranks, and every projection (Lotus's rSVD, GaLore's SVD, GrassWalk's geodesic steps,
-GrassJump's random bases). Losses, refresh steps and final weights agree to 1e-9; under
+GrassJump's random bases), and RSO (its B's all-reduced by DDP, reduce-scattered by FSDP,
+merged into W every 7 steps, so the last step is mid-period; a refresh is a new
+subspace). Losses, refresh steps and final weights agree to 1e-9; under
 DeepSpeed, whose ZeRO-1/2 optimizer keeps fp32 master weights even for an fp64 model, to
 1e-6 (its updates are rounded to fp32), with the same refresh steps (its weights,
 in DeepSpeed's own checkpoint format, are not compared here).
@@ -40,6 +42,10 @@ METHODS = {
     "galore": ["optim.name=galore", "optim.update_proj_gap=10"],
     "grasswalk": ["optim.name=grasswalk", "optim.update_proj_gap=10"],
     "grassjump": ["optim.name=grassjump", "optim.update_proj_gap=10"],
+    # RSO's own lr (its preset's): at 10x it trains chaotically on tiny, and rounding
+    # grows from 1e-16 to 3e-9 in 60 steps (2 ranks against 1, measured)
+    "rso": ["optim.name=rso", "optim.update_proj_gap=7", "optim.proximal=0.5",
+            "optim.lr=0.001"],
 }
 DS = "parallel.engine=deepspeed"
 
@@ -70,6 +76,10 @@ CASES = {
     "galore-fsdp-3": ("galore", 3, ["parallel.engine=fsdp"]),
     "grasswalk-ddp-3": ("grasswalk", 3, []),
     "grassjump-ddp-2": ("grassjump", 2, []),
+    "rso-ddp-2": ("rso", 2, []),
+    "rso-ddp-3": ("rso", 3, []),
+    "rso-fsdp-2": ("rso", 2, ["parallel.engine=fsdp"]),
+    "rso-fsdp-3": ("rso", 3, ["parallel.engine=fsdp"]),
 }
 
 

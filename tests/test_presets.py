@@ -250,7 +250,8 @@ def test_grass_methods_under_lowrank_ddp_fail_with_a_clear_config_error():
 
 
 def test_every_low_rank_method_is_a_projected_optimizer():
-    assert set(PROJECTED_OPTIMIZERS) == set(METHODS) - {"adamw"}
+    """All but AdamW and RSO (which trains low-rank B's instead of projecting gradients)."""
+    assert set(PROJECTED_OPTIMIZERS) == set(METHODS) - {"adamw", "rso"}
 
 
 # ------------------------------------------------------------------ the YAML files
@@ -266,8 +267,9 @@ def test_every_yaml_carries_every_method_and_loads_for_each(path):
         cfg = load_quietly(path, [f"optim.name={name}"])
         assert cfg.model.size == path.stem and cfg.optim.name == name
         assert cfg.optim.lr == raw["methods"][name]["lr"]
-        if name in PROJECTED_OPTIMIZERS:
+        if name in (*PROJECTED_OPTIMIZERS, "rso"):
             ranks.add(cfg.optim.rank)
+        if name in PROJECTED_OPTIMIZERS:
             assert cfg.optim.scale == raw["methods"][name]["scale"]
         for world_size in (1, 2):
             validate_world_size(cfg, world_size)
@@ -328,7 +330,8 @@ def test_a_bad_preset_of_another_method_still_fails(tmp_path):
 def test_per_layer_needs_a_low_rank_method():
     with pytest.warns(ConfigWarning, match=r"optim\.per_layer"):
         cfg = load_config(None, ["optim.name=adamw", "optim.per_layer=true"])
-    with pytest.raises(ConfigError, match=r"optim\.per_layer=true needs a low-rank optim\.name"):
+    with pytest.raises(ConfigError,
+                       match=r"optim\.per_layer=true needs a projected-gradient optim\.name"):
         check_supported(cfg, "single")
 
 

@@ -45,7 +45,7 @@ def test_relaunching_a_finished_run_reports_it_without_training(small_corpus, tm
     assert again["tokens_seen"] == first["tokens_seen"]
 
 
-@pytest.mark.parametrize("optim", ["adamw", "lotus", "galore"])
+@pytest.mark.parametrize("optim", ["adamw", "lotus", "galore", "rso"])
 def test_resume_after_losing_the_newest_checkpoint_reproduces_the_losses(small_corpus, tmp_path,
                                                                           optim):
     base = overrides(*small_corpus, tmp_path, f"optim.name={optim}",

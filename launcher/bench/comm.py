@@ -16,6 +16,10 @@ reduce, as DDP counts its all-reduce (a ring all-reduce moves about twice what a
 reduce-scatter of the same tensor does). The micro-batches per step are the config's at
 that world size.
 
+RSO (``optim.name=rso``) all-reduces, under DDP, B's gradient (out x r per targeted
+linear) and the full gradient of the rest; its frozen W has none. Under FSDP it
+reduce-scatters the same per micro-batch. No sketches: P is drawn, not computed.
+
 Measured: seconds per optimizer step on 2 gloo ranks for small models, low-rank against
 full DDP, and FSDP AdamW against FSDP Lotus with the projected backward (its gradient
 bytes per step as the engine counts them), in the same run (torchrun subprocesses of the
@@ -86,6 +90,11 @@ def fsdp_gradient_bytes(cfg: LlamaConfig, rank: int, t: Traffic, accum: int,
     return adamw, lotus
 
 
+def rso_bytes(cfg: LlamaConfig, rank: int, t: Traffic) -> int:
+    """Bytes RSO's DDP all-reduces per step: every B (out x r) and the plain gradients."""
+    return FP32 * sum(m * min(rank, n) for m, n in projected_shapes(cfg)) + t.plain
+
+
 def _counted_rows(sizes: list[str], interval: int, fsdp_world: int) -> list[dict]:
     rows = []
     for size in sizes:
@@ -100,7 +109,11 @@ def _counted_rows(sizes: list[str], interval: int, fsdp_world: int) -> list[dict
         lowrank_total = t.lowrank + t.sketches_per_refresh / interval
         projected_full = t.full_ddp - t.plain
         min_dim = min(model.dim, model.intermediate_size)
+        rso = rso_bytes(model, load_config(f"configs/{size}.yaml", ["optim.name=rso"]).optim.rank,
+                        t)
         rows.append({
+            "rso_ddp_mb": rso / 2**20, "rso_ratio": rso / t.full_ddp,
+            "fsdp_rso_ratio": accum * rso / fsdp_adamw,
             "size": size, "rank": cfg.optim.rank, "full_ddp_mb": t.full_ddp / 2**20,
             "lowrank_ddp_mb": lowrank_total / 2**20,
             "ratio": lowrank_total / t.full_ddp,
@@ -152,41 +165,48 @@ def main(argv: list[str] | None = None) -> None:
     rows = _counted_rows(args.sizes.split(","), args.refresh_interval, args.fsdp_world)
     print(f"{'size':>5} {'rank':>5} {'full DDP MB':>12} {'low-rank MB':>12} {'ratio':>6} "
           f"{'proj ratio':>10} {'r/min(m,n)':>10} {'sketch MB/refresh':>18} "
-          f"{'full gather MB':>15}")
+          f"{'full gather MB':>15} {'rso MB':>9} {'rso ratio':>9}")
     for r in rows:
         print(f"{r['size']:>5} {r['rank']:>5} {r['full_ddp_mb']:12.1f} {r['lowrank_ddp_mb']:12.1f} "
               f"{r['ratio']:6.3f} {r['projected_ratio']:10.3f} {r['projected_bound']:10.3f} "
-              f"{r['sketch_mb_per_refresh']:18.1f} {r['full_gather_mb_per_refresh']:15.1f}")
+              f"{r['sketch_mb_per_refresh']:18.1f} {r['full_gather_mb_per_refresh']:15.1f} "
+              f"{r['rso_ddp_mb']:9.1f} {r['rso_ratio']:9.3f}")
     print(f"\nFSDP gradient traffic per step and rank at W={args.fsdp_world} "
           "(lotus with optim.projected_backward against adamw)")
     print(f"{'size':>5} {'micro-batches':>13} {'adamw MB':>10} {'lotus pb MB':>12} {'ratio':>6} "
-          f"{'unsharded accum':>15} {'ratio, 1 micro-batch':>21}")
+          f"{'unsharded accum':>15} {'ratio, 1 micro-batch':>21} {'rso ratio':>9}")
     for r in rows:
         print(f"{r['size']:>5} {r['fsdp_micro_batches']:>13} {r['fsdp_adamw_mb']:10.1f} "
               f"{r['fsdp_lotus_pb_mb']:12.1f} {r['fsdp_pb_ratio']:6.3f} "
               f"{r['fsdp_pb_unsharded_ratio']:15.3f} "
-              f"{r['fsdp_pb_ratio_one_micro_batch']:21.3f}")
+              f"{r['fsdp_pb_ratio_one_micro_batch']:21.3f} {r['fsdp_rso_ratio']:9.3f}")
     measured = []
     sizes = [s for s in args.measure.split(",") if s]
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             # alternate the order so a drift of the machine does not favour one mode
             runs = {}
-            for i, lowrank in enumerate((False, True, False, True)):
-                mode = ["training.clip_on=consumed",
-                        f"parallel.lowrank_comm={str(lowrank).lower()}"]
+            for i, kind in enumerate((False, True, "rso", False, True, "rso")):
+                mode = (["optim.name=rso"] if kind == "rso" else
+                        ["training.clip_on=consumed", f"parallel.lowrank_comm={str(kind).lower()}"])
                 m = _measure(size, mode, args.steps, args.overrides, Path(tmp) / f"{size}-{i}")
-                runs.setdefault(lowrank, []).append(m)
+                runs.setdefault(kind, []).append(m)
             full = min(m["seconds_per_step"] for m in runs[False])
             low = min(m["seconds_per_step"] for m in runs[True])
             row = {"size": size, "full_s_per_step": full, "lowrank_s_per_step": low,
                    "time_ratio": low / full,
                    "measured_bytes_full": runs[False][0]["bytes_per_step"],
-                   "measured_bytes_lowrank": runs[True][0]["bytes_per_step"]}
+                   "measured_bytes_lowrank": runs[True][0]["bytes_per_step"],
+                   "rso_s_per_step": min(m["seconds_per_step"] for m in runs["rso"]),
+                   "measured_bytes_rso": runs["rso"][0]["bytes_per_step"]}
             measured.append(row)
             print(f"2 gloo ranks, {size}: full DDP {full:.3f} s/step, low-rank {low:.3f} s/step "
                   f"(ratio {low / full:.3f}); bytes/step full {row['measured_bytes_full']}, "
                   f"low-rank {row['measured_bytes_lowrank']}", flush=True)
+            rso_grads = row["measured_bytes_rso"]["full_gradients"]
+            print(f"2 gloo ranks, {size}: rso under DDP {row['rso_s_per_step']:.3f} s/step, "
+                  f"bytes/step {rso_grads} (ratio to full DDP "
+                  f"{rso_grads / row['measured_bytes_full']['full_gradients']:.3f})", flush=True)
             # FSDP: AdamW against Lotus with the projected backward, alternated likewise
             fsdp = {}
             for i, pb in enumerate((False, True, False, True)):

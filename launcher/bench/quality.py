@@ -32,7 +32,7 @@ import torch
 from launcher.config import METHODS, PROJECTED_OPTIMIZERS, Config, load_config
 from lotus_dist.model import MODEL_SIZES
 
-DEFAULT_METHODS = ("adamw", "galore", "lotus", "grasswalk", "grassjump")
+DEFAULT_METHODS = ("adamw", "galore", "lotus", "grasswalk", "grassjump", "rso")
 
 
 def run_overrides(size: str, method: str, steps: int, seed: int, run_dir: Path,
@@ -46,7 +46,7 @@ def run_overrides(size: str, method: str, steps: int, seed: int, run_dir: Path,
     if eval_batches is not None:
         sets.append(f"eval.batches={eval_batches}")
     user_rank = any(o.partition("=")[0].strip() == "optim.rank" for o in overrides)
-    if size != base.model.size and method in PROJECTED_OPTIMIZERS and not user_rank:
+    if size != base.model.size and method in (*PROJECTED_OPTIMIZERS, "rso") and not user_rank:
         sets.append(f"optim.rank={MODEL_SIZES[size].dim // 4}")
     return sets
 
@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help="comma-separated optim.name values")
     parser.add_argument("--steps", type=int, default=300,
-                        help="optimizer steps per run (default: all five methods on tiny "
-                             "in under 10 minutes on 2 CPU cores)")
+                        help="optimizer steps per run (default: all six methods on tiny "
+                             "in about 12 minutes on 2 CPU cores)")
     parser.add_argument("--seeds", default="0", help="comma-separated training.seed values")
     parser.add_argument("--eval-batches", type=int, default=None,
                         help="eval.batches of the final evaluation (default: the config's)")

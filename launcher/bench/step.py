@@ -55,7 +55,7 @@ from launcher.distributed import DistInfo
 from launcher.engines import build_engine
 from launcher.schedule import build_lr_scheduler
 from launcher.trainer import Trainer
-from lotus_dist import LotusAdamW
+from lotus_dist import LotusAdamW, RSOAdamW
 from lotus_dist.data import PackedBatches, load_tokenizer, open_documents
 from lotus_dist.model import MODEL_SIZES
 
@@ -64,6 +64,7 @@ OPTIMIZERS = ("adamw", "galore", "lotus")
 #: backward (no full gradient of a projected weight outside refresh steps).
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "lotus_pb": ("lotus", ["optim.projected_backward=true"]),
+    "rso": ("rso", []),
 }
 # What the projected group actually used (gamma resolved by the optimizer), for the report.
 PROJECTED_KEYS = ("rank", "projection", "switch", "update_proj_gap", "gamma", "verify_gap",
@@ -88,8 +89,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _refresh_total(optimizer: torch.optim.Optimizer) -> int:
-    """Refreshes so far, summed over the projected matrices (0 for adamw)."""
-    if not isinstance(optimizer, LotusAdamW):
+    """Refreshes (rso: new subspaces) so far, summed over the projected matrices (0 for
+    adamw)."""
+    if not isinstance(optimizer, LotusAdamW | RSOAdamW):
         return 0
     return sum(int(t["refresh_count"]) for t in optimizer.telemetry().values())
 
@@ -127,10 +129,15 @@ def _serve(conn: Connection, cfg: Config, batches_path: str, device: torch.devic
     else:
         _reset_peak_rss()
     projected = [g for g in optimizer.param_groups if "rank" in g]
+    settings = {k: projected[0][k] for k in PROJECTED_KEYS} if projected else {}
+    if isinstance(optimizer, RSOAdamW):
+        settings = {"rso": True, "rank": cfg.optim.rank, "update_proj_gap":
+                    optimizer.rso_group["period_steps"]}
     conn.send(("ready", {
         "params": sum(p.numel() for p in engine.raw_model.parameters()),
-        "matrices": sum(len(g["params"]) for g in projected),
-        "settings": {k: projected[0][k] for k in PROJECTED_KEYS} if projected else {},
+        "matrices": sum(len(g["params"]) for g in projected) or sum(
+            len(g["params"]) for g in optimizer.param_groups if g.get("rso")),
+        "settings": settings,
     }))
     loss = float("nan")
     while True:
@@ -282,7 +289,8 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     issue's targets compare; the total's ratio in each repeat shows the run-to-run spread."""
     out = {}
     for a, b in (("lotus", "adamw"), ("galore", "adamw"), ("lotus", "galore"),
-                 ("lotus_pb", "lotus"), ("lotus_pb", "adamw")):
+                 ("lotus_pb", "lotus"), ("lotus_pb", "adamw"), ("rso", "adamw"),
+                 ("rso", "lotus")):
         if a in results and b in results:
             out[f"{a}/{b}"] = results[a]["total_s"] / results[b]["total_s"]
             out[f"{a}/{b}_median"] = results[a]["median_ms"] / results[b]["median_ms"]
@@ -306,6 +314,9 @@ def rank_for(size: str, base: Config, overrides: list[str]) -> int:
 def _settings_text(settings: dict[str, Any]) -> str:
     if not settings:
         return "full rank"
+    if settings.get("rso"):
+        return (f"rank {settings['rank']}, random subspace per linear, W frozen for "
+                f"update_proj_gap={settings['update_proj_gap']} steps")
     if settings["switch"] == "fixed":
         return (f"rank {settings['rank']}, {settings['projection']}, refresh every "
                 f"update_proj_gap={settings['update_proj_gap']} steps")
@@ -373,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="tiny,20m", help="comma-separated model sizes")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                         help="comma-separated optimizers (also lotus_pb: lotus with "
-                             "optim.projected_backward=true)")
+                             "optim.projected_backward=true, and rso)")
     parser.add_argument("--steps", type=int, default=200,
                         help="timed steps per optimizer (enough to amortise refreshes)")
     parser.add_argument("--warmup-steps", type=int, default=3,

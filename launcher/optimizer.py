@@ -8,7 +8,7 @@ from torch import nn
 from launcher.config import OptimConfig
 from lotus_dist import LotusAdamW, lotus_param_groups
 from lotus_dist.comm import LocalComm
-from lotus_dist.rso import RSOAdamW, install_rso, start_period
+from lotus_dist.rso import RSOAdamW, install_rso
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int,
@@ -37,11 +37,8 @@ def prepare_model(cfg: OptimConfig, model: nn.Module, seed: int) -> None:
     """What a method changes in the model before any wrapper sees it: optim.name=rso makes
     the targeted linears RSO linears (``lotus_dist.rso``). On the meta device (FSDP) the
     caller fills them after allocation with ``start_period(model, seed, 0)``."""
-    if cfg.name != "rso":
-        return
-    install_rso(model, cfg.rank, cfg.target_modules)
-    if next(model.parameters()).device.type != "meta":
-        start_period(model, seed, 0)
+    if cfg.name == "rso":
+        install_rso(model, cfg.rank, cfg.target_modules, seed)
 
 
 def group_options(cfg: OptimConfig) -> dict:

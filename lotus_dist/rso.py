@@ -38,9 +38,11 @@ from torch.distributed.tensor import DTensor
 
 from lotus_dist.model import _tensor_seed, canonical_name
 
-#: Linears of ``lotus_dist.model`` that read one tensor (Attention and MLP forwards), by
-#: the parent module's class name: they share P and its saved x P. Any other targeted
-#: linear gets a P of its own.
+#: Linears that read one tensor (the Attention and MLP forwards of ``lotus_dist.model``,
+#: and Hugging Face's LlamaAttention / LlamaMLP), by the end of the parent module's class
+#: name: they share P and its saved x P. Any other targeted linear gets a P of its own.
+#: Sharing is safe whatever the forward does: u is reused only for the very tensor it
+#: was computed from.
 SHARED_INPUTS: dict[str, tuple[tuple[str, ...], ...]] = {
     "Attention": (("q_proj", "k_proj", "v_proj"),),
     "MLP": (("gate_proj", "up_proj"),),
@@ -120,19 +122,20 @@ class InputProjection(nn.Module):
         return u
 
 
-def install_rso(model: nn.Module, rank: int, target_modules: Sequence[str]
+def install_rso(model: nn.Module, rank: int, target_modules: Sequence[str], seed: int = 0
                 ) -> list[tuple[str, nn.Linear, InputProjection]]:
     """Turn every bias-free ``nn.Linear`` whose name contains a target into an RSO linear:
-    W frozen, a parameter ``rso_b`` (out x min(r, in)) and a shared ``InputProjection``.
-    Works on the meta device (FSDP builds there); the new tensors are filled by
-    ``start_period``. Returns (name, linear, projection) per targeted linear."""
+    W frozen, a parameter ``rso_b`` (out x min(r, in)) and a shared ``InputProjection``,
+    filled for period 0 of ``seed`` (B zero, P drawn). On the meta device (FSDP builds
+    there) nothing is filled: call ``start_period(model, seed, 0)`` after allocating.
+    Returns (name, linear, projection) per targeted linear."""
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     installed: list[tuple[str, nn.Linear, InputProjection]] = []
     for parent_name, parent in list(model.named_modules()):
         children = {n: m for n, m in parent.named_children() if isinstance(m, nn.Linear)
                     and any(t in canonical_name(f"{parent_name}.{n}") for t in targets)}
-        shared = [g for g in SHARED_INPUTS.get(type(parent).__name__, ())
-                  if all(n in children for n in g)]
+        kind = next((k for k in SHARED_INPUTS if type(parent).__name__.endswith(k)), None)
+        shared = [g for g in SHARED_INPUTS.get(kind, ()) if all(n in children for n in g)]
         groups = shared + [(n,) for n in children if not any(n in g for g in shared)]
         for members in groups:
             first = children[members[0]]
@@ -154,6 +157,8 @@ def install_rso(model: nn.Module, rank: int, target_modules: Sequence[str]
     if not installed:
         raise ValueError(f"optim.name=rso: target_modules={targets} match no bias-free "
                          "linear of the model")
+    if installed[0][1].weight.device.type != "meta":
+        start_period(model, seed, 0)
     return installed
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,25 @@ def test_n_ranks_equal_one_rank_in_fp64(small_corpus, reference, tmp_path, case)
     for key in weights:
         err = (got_w[key] - ref_w[key]).norm() / ref_w[key].norm()
         assert err <= tol, (key, float(err))
+
+
+def test_rso_fsdp_run_resumes_mid_period_on_another_world_size(small_corpus, tmp_path):
+    """2 FSDP ranks save at step 5 (5 steps into a 7-step subspace: B, its moments and
+    the period counters are all live); 3 ranks resume from there and finish the run the
+    2-rank job finished, losses and weights to 1e-9."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    extra = ["parallel.engine=fsdp", "training.steps=12", "checkpoint.interval=5"]
+    torchrun(2, sets(*small_corpus, whole, "rso", *extra))
+    shutil.copytree(whole, resumed)
+    for step in (10, 12):
+        shutil.rmtree(resumed / "ckpt" / f"step-{step}")
+    torchrun(3, sets(*small_corpus, resumed, "rso", *extra))
+    want = {r["step"]: r["loss"] for r in rows(whole)}
+    got = rows(resumed)
+    assert [r["step"] for r in got] == list(range(1, 13))
+    for r in got:
+        assert r["loss"] == pytest.approx(want[r["step"]], rel=1e-9, abs=0), r["step"]
+    got_w, ref_w = checkpoint_tensors(resumed, 12), checkpoint_tensors(whole, 12)
+    for key in [k for k in ref_w if k.startswith("model.")]:
+        err = (got_w[key] - ref_w[key]).norm() / ref_w[key].norm().clamp_min(1e-300)
+        assert err <= 1e-9, (key, float(err))

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lotus_dist.model import MODEL_SIZES, Block, build_model, rope_tables
+from launcher.bench.activations import saved_bytes
+from lotus_dist.model import MODEL_SIZES, Block, build_model
 from lotus_dist.rso import (
     RSOAdamW,
     draw_projection,
@@ -81,28 +82,11 @@ def test_the_linears_that_read_one_input_share_its_projection():
                                                   (CFG.intermediate_size, 8)).double())
 
 
-def saved_activation_bytes(block: torch.nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd saves for backward in one block's forward, each storage once,
-    parameters and buffers (W, B, P, norm weights) and the rotary tables left out."""
-    cos, sin = rope_tables(CFG.head_dim, x.shape[1], CFG.rope_theta, x.device)
-    own = {t.untyped_storage().data_ptr()
-           for t in [*block.parameters(), *block.buffers(), cos, sin]}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x, cos, sin)
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("rank", [4, 16])
 def test_saved_activations_fall_as_the_papers_formula_says(rank):
-    """RSO keeps x P (s x r) instead of the input x of each of a block's four linear
+    """Saved bytes per block, measured with saved-tensor hooks (each storage once, the
+    block's parameters, buffers and rotary tables left out). RSO keeps x P (s x r)
+    instead of the input x of each of a block's four linear
     inputs: 15bsn + 2bs^2 -> 8bsn + 4bsr + 2bs^2 in the paper, whose MLP is 4n wide. Here
     the attention output (o_proj's input) is also saved by scaled_dot_product_attention's
     own backward, whatever the method, so three inputs are freed: s (2n + I) elements
@@ -116,7 +100,7 @@ def test_saved_activations_fall_as_the_papers_formula_says(rank):
     start_period(rso, 0, 0)
     batch, seq = 2, 16
     x = torch.randn(batch, seq, CFG.dim, requires_grad=True)
-    before, after = saved_activation_bytes(plain, x), saved_activation_bytes(rso, x)
+    before, after = saved_bytes(plain, CFG, x), saved_bytes(rso, CFG, x)
     s, n, inter, fp32 = batch * seq, CFG.dim, CFG.intermediate_size, 4
     assert before - after == s * (2 * n + inter - 4 * rank) * fp32
 
@@ -133,7 +117,7 @@ def test_with_activation_checkpointing_a_block_saves_only_its_input():
     start_period(block, 0, 0)
     checkpoint(block)
     x = torch.randn(2, 16, CFG.dim, requires_grad=True)
-    assert saved_activation_bytes(block, x) == x.numel() * 4
+    assert saved_bytes(block, CFG, x) == x.numel() * 4
 
 
 def adam_reference(model, tokens_list, lr, betas, eps, weight_decay, proximal, period_steps,
@@ -249,3 +233,24 @@ def test_bad_settings_are_clear_errors():
         RSOAdamW(model)
     with pytest.raises(ValueError, match="period_steps must be >= 1"):
         RSOAdamW(rso_model(), period_steps=0)
+
+
+def test_install_rso_works_on_a_hugging_face_llama():
+    """The library path: a transformers LlamaForCausalLM gets RSO linears, q/k/v and
+    gate/up share their P, and B's gradient is the projection of the dense one."""
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_cfg).double()
+    twin = copy.deepcopy(model)
+    install_rso(model, 8, TARGETS, seed=1)
+    assert len(dict(projections(model))) == 4 * 2
+    tokens = torch.randint(64, (2, 9), generator=torch.Generator().manual_seed(2))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    twin(input_ids=tokens, labels=tokens).loss.backward()
+    twin_params = dict(twin.named_parameters())
+    for name, linear, proj in rso_layers(model):
+        dense = twin_params[f"{name}.weight"].grad  # B = 0: W + B P^T is the twin's W
+        torch.testing.assert_close(linear.rso_b.grad, dense @ proj.p, rtol=1e-11, atol=1e-13)

@@ -41,10 +41,10 @@ from lotus_dist.rso import install_rso, projections, rso_layers
 FP32 = 4
 
 
-def saved_bytes(block: nn.Module, cfg: LlamaConfig, seq_len: int) -> int:
-    """Bytes of the distinct storages one block's forward saves for backward."""
-    x = torch.randn(1, seq_len, cfg.dim, requires_grad=True)
-    cos, sin = rope_tables(cfg.head_dim, seq_len, cfg.rope_theta, x.device)
+def saved_bytes(block: nn.Module, cfg: LlamaConfig, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages one block's forward on ``x`` saves for backward,
+    the block's parameters and buffers and the rotary tables left out."""
+    cos, sin = rope_tables(cfg.head_dim, x.shape[1], cfg.rope_theta, x.device)
     own = {t.untyped_storage().data_ptr()
            for t in [*block.parameters(), *block.buffers(), cos, sin]}
     seen: dict[int, int] = {}
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         for ckpt in modes:
             plain, rso = blocks(cfg, rank, ckpt)
             for s in seq_lens:
-                before, after = saved_bytes(plain, cfg, s), saved_bytes(rso, cfg, s)
+                x = torch.randn(1, s, cfg.dim, requires_grad=True)
+                before, after = saved_bytes(plain, cfg, x), saved_bytes(rso, cfg, x)
                 expected = None if ckpt else (s * (2 * cfg.dim + cfg.intermediate_size)
                                               - 4 * s * rank) * FP32
                 rows.append({"size": size, "rank": rank, "seq_len": s, "checkpointing": ckpt,

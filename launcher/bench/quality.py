@@ -66,10 +66,10 @@ def run_one(config: str | None, sets: list[str], run_dir: Path) -> dict[str, Any
     return {
         "method": o.name, "size": cfg.model.size, "seed": cfg.training.seed,
         "steps": summary["steps"], "lr": o.lr,
-        "scale": o.scale if o.name != "adamw" else None,
+        "scale": o.scale if o.name in PROJECTED_OPTIMIZERS else None,
         "rank": o.rank if o.name != "adamw" else None,
-        "projection": o.projection if o.name != "adamw" else None,
-        "switch": o.switch if o.name != "adamw" else None,
+        "projection": o.projection if o.name in PROJECTED_OPTIMIZERS else None,
+        "switch": o.switch if o.name in PROJECTED_OPTIMIZERS else None,
         "update_proj_gap": o.update_proj_gap if o.name != "adamw" else None,
         "min_lr_ratio": cfg.training.min_lr_ratio,
         "final_eval_loss": summary["final_eval_loss"],
@@ -99,6 +99,8 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, dict[str, bool]]:
 def _settings(row: dict[str, Any]) -> str:
     if row["method"] == "adamw":
         return "full rank"
+    if row["method"] == "rso":
+        return f"r{row['rank']} random P, W frozen, merged every {row['update_proj_gap']}"
     every = (f"every {row['update_proj_gap']}" if row["switch"] == "fixed"
              else row["switch"])
     return f"r{row['rank']} {row['projection']}, {every}"

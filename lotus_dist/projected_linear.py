@@ -85,6 +85,14 @@ class ProjectionSite:
         return r
 
 
+def linear_compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` would compute in on ``x``: autocast's if enabled, else x's.
+    The custom linears here and in ``lotus_dist.rso`` run their matmuls in it with
+    autocast off, as the op they replace would."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 class _ProjectedLinear(torch.autograd.Function):
     """y = x W^T whose backward gives dx, and R (or G) for W through the site.
 
@@ -95,8 +103,7 @@ class _ProjectedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor,
                 site: ProjectionSite) -> torch.Tensor:
-        kind = x.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        kind, dtype = x.device.type, linear_compute_dtype(x)
         projection = site.projection()
         ctx.site, ctx.projection, ctx.dtype, ctx.x_dtype = site, projection, dtype, x.dtype
         with torch.autocast(kind, enabled=False):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from lotus_dist.model import _tensor_seed, canonical_name
+from lotus_dist.projected_linear import linear_compute_dtype
 
 #: Linears that read one tensor (the Attention and MLP forwards of ``lotus_dist.model``,
 #: and Hugging Face's LlamaAttention / LlamaMLP), by the end of the parent module's class
@@ -49,18 +50,12 @@ SHARED_INPUTS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype ``F.linear`` would compute in: autocast's if enabled, else x's."""
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-
-
 class _ProjectInput(torch.autograd.Function):
     """u = x P, whose backward needs only P: nothing of x is saved."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(x)
+        dtype = linear_compute_dtype(x)
         ctx.p, ctx.dtype, ctx.x_dtype = p, dtype, x.dtype
         with torch.autocast(x.device.type, enabled=False):
             return x.to(dtype) @ p.to(dtype)
@@ -76,7 +71,7 @@ class _RSOLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
                 b: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(x)
+        dtype = linear_compute_dtype(x)
         ctx.dtype, ctx.x_dtype = dtype, x.dtype
         with torch.autocast(x.device.type, enabled=False):
             ctx.save_for_backward(u, weight, b)
@@ -129,6 +124,8 @@ def install_rso(model: nn.Module, rank: int, target_modules: Sequence[str], seed
     filled for period 0 of ``seed`` (B zero, P drawn). On the meta device (FSDP builds
     there) nothing is filled: call ``start_period(model, seed, 0)`` after allocating.
     Returns (name, linear, projection) per targeted linear."""
+    if next(rso_layers(model), None) is not None:
+        raise ValueError("install_rso: the model already has RSO linears")
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     installed: list[tuple[str, nn.Linear, InputProjection]] = []
     for parent_name, parent in list(model.named_modules()):
@@ -162,7 +159,8 @@ def install_rso(model: nn.Module, rank: int, target_modules: Sequence[str], seed
     return installed
 
 
-def _rso_forward(linear: nn.Linear, proj: InputProjection):
+def _rso_forward(linear: nn.Linear, proj: InputProjection
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The replacement forward; it reads the parameters at call time (FSDP swaps in the
     unsharded ones for the forward)."""
     def forward(x: torch.Tensor) -> torch.Tensor:

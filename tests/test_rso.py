@@ -229,6 +229,8 @@ def test_bad_settings_are_clear_errors():
     model = build_model(CFG)
     with pytest.raises(ValueError, match="match no bias-free linear"):
         install_rso(model, 8, ["nothing_here"])
+    with pytest.raises(ValueError, match="already has RSO linears"):
+        install_rso(rso_model(), 8, TARGETS)
     with pytest.raises(ValueError, match="call install_rso first"):
         RSOAdamW(model)
     with pytest.raises(ValueError, match="period_steps must be >= 1"):

@@ -50,6 +50,8 @@ OptimName = Literal["adamw", "galore", "lotus", "grasswalk", "grassjump", "rso"]
 METHODS: tuple[str, ...] = typing.get_args(OptimName)
 #: Methods that run LotusAdamW with projected groups (the engines check this list).
 PROJECTED_OPTIMIZERS: tuple[str, ...] = ("galore", "lotus", "grasswalk", "grassjump")
+#: Methods with a rank: the projected ones and RSO (low-rank B's in random subspaces).
+LOW_RANK_METHODS: tuple[str, ...] = (*PROJECTED_OPTIMIZERS, "rso")
 
 #: Built-in preset per ``optim.name``: applied over the file's common ``optim:`` keys and
 #: under the file's ``methods.<name>`` and ``--set``. A key is an ``optim`` key, or

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from launcher import checkpoint
-from launcher.config import PROJECTED_OPTIMIZERS, Config, config_to_dict, profile_window
+from launcher.config import LOW_RANK_METHODS, Config, config_to_dict, profile_window
 from launcher.distributed import DistInfo, agree_on_step, all_reduce_sum
 from launcher.engines.base import Engine, param_dtype
 from launcher.flops import cuda_memory_bytes, device_peak_flops, throughput
@@ -400,7 +400,7 @@ class Trainer:
             "bytes_per_step": self.engine.comm_bytes_per_step(),
             "optimizer": self.cfg.optim.name,
             "rank": (self.cfg.optim.rank
-                     if self.cfg.optim.name in (*PROJECTED_OPTIMIZERS, "rso") else None),
+                     if self.cfg.optim.name in LOW_RANK_METHODS else None),
             "optimizer_state_bytes": optimizer_state_bytes(self.optimizer),
         }
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from launcher.capabilities import check_supported
 from launcher.config import (
+    LOW_RANK_METHODS,
     METHOD_PRESETS,
     METHODS,
     MODEL_SIZE_NAMES,
@@ -267,7 +268,7 @@ def test_every_yaml_carries_every_method_and_loads_for_each(path):
         cfg = load_quietly(path, [f"optim.name={name}"])
         assert cfg.model.size == path.stem and cfg.optim.name == name
         assert cfg.optim.lr == raw["methods"][name]["lr"]
-        if name in (*PROJECTED_OPTIMIZERS, "rso"):
+        if name in LOW_RANK_METHODS:
             ranks.add(cfg.optim.rank)
         if name in PROJECTED_OPTIMIZERS:
             assert cfg.optim.scale == raw["methods"][name]["scale"]

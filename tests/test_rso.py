@@ -30,8 +30,7 @@ TARGETS = ["self_attn", "mlp"]
 
 def rso_model(rank: int = 8, seed: int = 0, dtype: torch.dtype = torch.float64):
     model = build_model(CFG, seed=seed, dtype=dtype)
-    install_rso(model, rank, TARGETS)
-    start_period(model, seed, 0)
+    install_rso(model, rank, TARGETS, seed)  # period 0: P drawn, B zero
     return model
 
 
@@ -97,7 +96,6 @@ def test_saved_activations_fall_as_the_papers_formula_says(rank):
         torch.nn.init.normal_(p, 0, 0.02)
     rso = copy.deepcopy(plain)
     install_rso(rso, rank, TARGETS)
-    start_period(rso, 0, 0)
     batch, seq = 2, 16
     x = torch.randn(batch, seq, CFG.dim, requires_grad=True)
     before, after = saved_bytes(plain, CFG, x), saved_bytes(rso, CFG, x)
@@ -114,7 +112,6 @@ def test_with_activation_checkpointing_a_block_saves_only_its_input():
     for p in block.parameters():
         torch.nn.init.normal_(p, 0, 0.02)
     install_rso(block, 8, TARGETS)
-    start_period(block, 0, 0)
     checkpoint(block)
     x = torch.randn(2, 16, CFG.dim, requires_grad=True)
     assert saved_bytes(block, CFG, x) == x.numel() * 4

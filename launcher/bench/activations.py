@@ -68,12 +68,7 @@ def blocks(cfg: LlamaConfig, rank: int, checkpointing: bool) -> tuple[nn.Module,
         for p in plain.parameters():
             p.normal_(0, 0.02)
     rso = copy.deepcopy(plain)
-    install_rso(rso, rank, ["self_attn", "mlp"])
-    with torch.no_grad():
-        for _, proj in projections(rso):
-            proj.p.normal_(0, rank ** -0.5)
-        for _, linear, _ in rso_layers(rso):
-            linear.rso_b.zero_()
+    install_rso(rso, rank, ["self_attn", "mlp"])  # period 0: P drawn, B zero
     if checkpointing:
         from torch.distributed._composable import checkpoint
 

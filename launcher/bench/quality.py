@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from launcher.config import METHODS, PROJECTED_OPTIMIZERS, Config, load_config
+from launcher.config import LOW_RANK_METHODS, METHODS, PROJECTED_OPTIMIZERS, Config, load_config
 from lotus_dist.model import MODEL_SIZES
 
 DEFAULT_METHODS = ("adamw", "galore", "lotus", "grasswalk", "grassjump", "rso")
@@ -46,7 +46,7 @@ def run_overrides(size: str, method: str, steps: int, seed: int, run_dir: Path,
     if eval_batches is not None:
         sets.append(f"eval.batches={eval_batches}")
     user_rank = any(o.partition("=")[0].strip() == "optim.rank" for o in overrides)
-    if size != base.model.size and method in (*PROJECTED_OPTIMIZERS, "rso") and not user_rank:
+    if size != base.model.size and method in LOW_RANK_METHODS and not user_rank:
         sets.append(f"optim.rank={MODEL_SIZES[size].dim // 4}")
     return sets
 
